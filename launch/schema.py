@@ -1,0 +1,250 @@
+"""The recipe schema: the single source of every default.
+
+A recipe is one YAML file. It is parsed into `Recipe`; unknown keys are errors. Stage kinds are
+registered in `launch.stages`; each kind contributes its own config class to the `stages` union.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # recipe and stage names
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- model and data
+
+class ModelConfig(Strict):
+    path: str = Field(description="Hugging Face model folder, or a hub name (clusters).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Weights dtype for the learner and the rollout engines.")
+    trust_remote_code: bool = False
+
+
+class DataSource(Strict):
+    path: str = Field(description="Local .jsonl/.json/.parquet file, or a Hugging Face dataset name.")
+    config: str | None = Field(None, description="Dataset config name for hub datasets (e.g. `main`).")
+    split: str = Field("train", description="Split to read (hub datasets; ignored for local files).")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+
+
+class DataConfig(Strict):
+    train: DataSource
+    eval: DataSource
+    question_key: str = Field("question", description="Column holding the problem text.")
+    answer_key: str = Field("answer", description="Column holding the reference answer (`... #### N` works).")
+    template: str = Field("{question}", description="User message; `{question}` is replaced.")
+    system_prompt: str | None = Field(None, description="System message (chat template only).")
+    chat_template: bool = Field(True, description="Wrap the prompt with the tokenizer's chat template.")
+    max_prompt_tokens: int = Field(512, ge=1, description="Longer prompts are left-truncated.")
+
+    @field_validator("template")
+    @classmethod
+    def _has_placeholder(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("must contain the placeholder {question}")
+        return v
+
+
+# ---------------------------------------------------------------- cluster and logging
+
+class ClusterConfig(Strict):
+    address: str | None = Field(
+        None, description="Ray address; None uses RAY_ADDRESS or starts a local Ray.")
+    num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a local Ray (None: the machine's).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray (None: detected).")
+
+
+class WandbConfig(Strict):
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "offline", description="W&B mode; the WANDB_MODE environment variable overrides it.")
+    project: str = "prunerl"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = []
+
+
+class LoggingConfig(Strict):
+    wandb: WandbConfig = WandbConfig()
+    progress: bool = Field(True, description="One progress line per RL step on stdout.")
+    worker_logs: bool = Field(
+        False, description="Forward Ray workers' output (vLLM, DeepSpeed) to the console; "
+                           "otherwise it stays in Ray's session log folder.")
+
+
+# ---------------------------------------------------------------- stages
+
+class StageBase(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    needs: list[str] = Field([], description="Stages whose outputs this one reads.")
+
+
+class AdvantageConfig(Strict):
+    scale: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide by the group std, the batch std, or nothing (Dr. GRPO).")
+    eps: float = Field(1e-4, gt=0, description="Added to the std before dividing.")
+
+
+class MismatchConfig(Strict):
+    mode: Literal["none", "tis", "mis"] = Field(
+        "none", description="Rollout/learner mismatch correction: truncate (tis) or mask (mis).")
+    level: Literal["token", "sequence"] = "sequence"
+    c_min: float = Field(0.0, ge=0)
+    c_max: float = Field(3.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.c_min >= self.c_max:
+            raise ValueError(f"c_min ({self.c_min}) must be below c_max ({self.c_max})")
+        return self
+
+
+class LossConfig(Strict):
+    eps_low: float = Field(0.2, ge=0, lt=1, description="Lower clip range of the ratio.")
+    eps_high: float = Field(0.2, ge=0, description="Upper clip range (clip-higher: 0.28).")
+    kl_coef: float = Field(0.0, ge=0, description="beta of the k3 KL to the reference; 0 loads no reference model.")
+    agg: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "grpo", description="Loss aggregation (see docs/algorithms.md).")
+    iterations: int = Field(1, ge=1, description="mu: optimizer passes over each batch.")
+    mask_truncated: bool = Field(False, description="Drop completions cut at max_new_tokens from the loss.")
+    mismatch: MismatchConfig = MismatchConfig()
+
+
+class WeightSyncConfig(Strict):
+    transport: Literal["file"] = Field(
+        "file", description="How weights reach the engines: `file` (safetensors + reload_weights).")
+    timeout_s: float = Field(300, gt=0)
+
+
+class RolloutConfig(Strict):
+    engines: int = Field(1, ge=1, description="Number of vLLM engines (Ray actors).")
+    num_cpus_per_engine: float = Field(1, ge=0)
+    num_gpus_per_engine: float = Field(0, ge=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for CPU engines.")
+    enforce_eager: bool = True
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
+
+
+class LearnerConfig(Strict):
+    ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (Ray actors).")
+    num_cpus_per_rank: float = Field(1, ge=0)
+    num_gpus_per_rank: float = Field(0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    max_tokens_per_microbatch: int = Field(8192, ge=16, description="Token budget of one micro-batch.")
+    gradient_checkpointing: bool = False
+    optim: OptimConfig = OptimConfig()
+
+
+class RewardTerm(Strict):
+    verifier: Literal["gsm8k_accuracy", "format"] = Field(description="A verifier from `rewards`.")
+    weight: float = 1.0
+    pattern: str | None = Field(None, description="`format` only: the regex a completion must match fully.")
+
+
+class RewardConfig(Strict):
+    terms: list[RewardTerm] = Field(
+        default_factory=lambda: [RewardTerm(verifier="gsm8k_accuracy")], min_length=1)
+    workers: int = Field(2, ge=1, description="Reward processes.")
+    timeout_s: float = Field(5.0, gt=0, description="Per-completion scoring limit; over it scores 0.")
+
+
+class CheckpointConfig(Strict):
+    every_steps: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class RLStage(StageBase):
+    kind: Literal["rl"] = "rl"
+    algorithm: Literal["grpo"] = Field("grpo", description="Preset over the selection/packing axes.")
+    steps: int | None = Field(None, ge=1, description="RL steps; None: one pass over the train split.")
+    prompts_per_step: int = Field(8, ge=1)
+    group_size: int = Field(8, ge=2, description="G: completions per prompt.")
+    advantage: AdvantageConfig = AdvantageConfig()
+    loss: LossConfig = LossConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
+    rewards: RewardConfig = RewardConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+
+class EvalStage(StageBase):
+    kind: Literal["eval"] = "eval"
+    include_base: bool = Field(True, description="Also evaluate the recipe's starting model.")
+    max_new_tokens: int = Field(256, ge=1)
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N eval problems.")
+    num_cpus: float = Field(1, ge=0, description="CPUs of the evaluation engine actor.")
+    num_gpus: float = Field(0, ge=0)
+    cpu_kvcache_gib: int = Field(1, ge=1)
+
+
+STAGE_TYPES: tuple[type[StageBase], ...] = (RLStage, EvalStage)
+Stage = Annotated[RLStage | EvalStage, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- the recipe
+
+class Recipe(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    seed: int = 42
+    model: ModelConfig
+    data: DataConfig
+    stages: list[Stage] = Field(min_length=1)
+    cluster: ClusterConfig = ClusterConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("stages")
+    @classmethod
+    def _graph_is_valid(cls, stages: list):
+        problems = stage_graph_problems(stages)
+        if problems:
+            # One error for pydantic; `problems` in its context keeps one (path, message) per
+            # problem so that `launch.config` can report each on its own line.
+            raise PydanticCustomError(
+                "stage_graph", "{summary}",
+                {"summary": "; ".join(f"{path}: {msg}" for path, msg in problems),
+                 "problems": [list(p) for p in problems]})
+        return stages
+
+
+def stage_graph_problems(stages: list) -> list[tuple[str, str]]:
+    """(field path, message) for each problem of the job graph: duplicate names, unknown or
+    self-referencing `needs`, cycles. An empty list means the graph can run."""
+    names = [s.name for s in stages]
+    problems = []
+    for name in dict.fromkeys(n for n in names if names.count(n) > 1):
+        where = [str(i) for i, n in enumerate(names) if n == name]
+        problems.append((f"stages.{name}.name", f"duplicate stage name (stages {' and '.join(where)})"))
+    for s in stages:
+        for dep in s.needs:
+            if dep == s.name:
+                problems.append((f"stages.{s.name}.needs", "a stage cannot need itself"))
+            elif dep not in names:
+                problems.append((f"stages.{s.name}.needs",
+                                 f"unknown stage '{dep}'; the stages are {', '.join(names)}"))
+    if not problems:
+        from launch.graph import topological_order  # cycle check lives with the runner
+        try:
+            topological_order({s.name: s.needs for s in stages})
+        except ValueError as e:
+            problems.append(("stages", str(e)))
+    return problems

@@ -1,0 +1,60 @@
+"""Verifiers by name: fn(completion, reference, **options) -> float in [0, 1].
+
+`register` adds one (tests add a deliberately slow one). The reward pool sends the function
+itself to its worker processes, pickled by reference, so a verifier must be a top-level function
+of a module the workers can import.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from typing import Callable
+
+from rewards.gsm8k import extract_answer, reference_answer
+
+Verifier = Callable[..., float]
+VERIFIERS: dict[str, Verifier] = {}
+
+# The CPPO paper's format reward.
+THINK_ANSWER_PATTERN = r"^<think>.*?</think>\n<answer>.*?</answer>$"
+# math-verify's own limits (signal.alarm: whole seconds) for one parse or comparison.
+MATH_VERIFY_TIMEOUT_S = 1
+
+
+def register(name: str, fn: Verifier | None = None):
+    """Add (or replace) a verifier: `register("x", fn)` or as a decorator `@register("x")`."""
+    if fn is None:
+        return lambda f: register(name, f)
+    VERIFIERS[name] = fn
+    return fn
+
+
+@register("gsm8k_accuracy")
+def gsm8k_accuracy(completion: str, reference: str) -> float:
+    """1.0 if the extracted answer equals the reference exactly or per math-verify, else 0.0.
+
+    Raises where math-verify fails or times out (math_verify.errors.TimeoutException, a
+    BaseException) instead of quietly scoring 0, so that the reward pool can count it.
+    """
+    predicted = extract_answer(completion)
+    if predicted is None:
+        return 0.0
+    gold = reference_answer(reference)
+    if predicted == gold:
+        return 1.0
+    from math_verify import parse, verify  # heavy import (sympy); only where it is needed
+
+    # signal.alarm only works in the main thread; elsewhere the caller must bound the time.
+    limit = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    # Wrapped in \boxed{} so math-verify reads bare latex ("\dfrac12") as the answer.
+    gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=limit, raise_on_error=True)
+    predicted_parsed = parse(f"\\boxed{{{predicted}}}", parsing_timeout=limit, raise_on_error=True)
+    if not gold_parsed or not predicted_parsed:
+        return 0.0
+    return 1.0 if verify(gold_parsed, predicted_parsed, timeout_seconds=limit, raise_on_error=True) else 0.0
+
+
+@register("format")
+def format_reward(completion: str, reference: str, pattern: str = THINK_ANSWER_PATTERN) -> float:
+    """1.0 if the whole completion matches `pattern` (DOTALL), else 0.0."""
+    return 1.0 if re.fullmatch(pattern, completion, re.DOTALL) else 0.0

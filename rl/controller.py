@@ -1,0 +1,147 @@
+"""The RL stage: one controller that reads like single-process code.
+
+generate -> score -> advantages (full group) -> select -> micro-batch -> train -> sync -> log.
+The distribution lives behind RolloutGroup (vLLM engines) and LearnerGroup (DeepSpeed ranks).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rewards import RewardPool
+from rewards.gsm8k import reference_answer
+from rl.advantages import group_advantages
+from rl.batching import padding_fraction, split_across_ranks, token_budget_microbatches
+from rl.checkpoint import CheckpointManager
+from rl.data import PromptSampler, encode_prompts, load_rows
+from rl.learner import LearnerGroup
+from rl.selection import SELECTION_RULES
+from rl.tracking import Timers, Tracker
+from rollout.worker import RolloutGroup
+
+
+def run_rl_stage(ctx) -> dict:
+    recipe, cfg = ctx.recipe, ctx.stage
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    rows = load_rows(recipe.data.train)
+    prompts = encode_prompts(tokenizer, recipe.data, rows)
+    references = [reference_answer(str(r[recipe.data.answer_key])) for r in rows]
+    total_steps = cfg.steps or max(1, len(rows) // cfg.prompts_per_step)
+    sampler = PromptSampler(len(rows), recipe.seed)
+    ckpts = CheckpointManager(ctx.run_dir / "checkpoints" / cfg.name, cfg.checkpoint.keep_last)
+    timers, sync = Timers(), cfg.rollout.weight_sync
+
+    learners = LearnerGroup(recipe.model.model_dump(), cfg.model_dump(mode="json"),
+                            total_steps * cfg.loss.iterations, recipe.seed)
+    start_step, engine_weights = 0, recipe.model.path
+    resume_from = ckpts.latest() if ctx.resume else None
+    if resume_from is not None:
+        state = ckpts.state(resume_from)
+        learners.call("load_checkpoint", str(resume_from / "deepspeed"), "state")
+        sampler.load_state_dict(state["sampler"])
+        start_step, engine_weights = state["step"], str(resume_from / "hf")
+        print(f"[{cfg.name}] resumed from {resume_from} (step {start_step})", flush=True)
+    rollout = RolloutGroup(engine_weights, recipe.model.dtype,
+                           recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens, recipe.seed,
+                           cfg.rollout.engines, cfg.rollout.num_cpus_per_engine, cfg.rollout.num_gpus_per_engine,
+                           cfg.rollout.cpu_kvcache_gib, cfg.rollout.enforce_eager,
+                           cfg.rollout.gpu_memory_utilization)
+    reward_pool = RewardPool([t.model_dump() for t in cfg.rewards.terms], cfg.rewards.workers, cfg.rewards.timeout_s)
+    tracker = Tracker(ctx.run_dir, recipe, cfg.name, total_steps, recipe.logging.progress)
+    G = cfg.group_size
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            with timers("step"):
+                batch = sampler.next(cfg.prompts_per_step)
+                with timers("rollout"):
+                    groups = rollout.generate([prompts[i] for i in batch], G, cfg.rollout.temperature,
+                                              cfg.rollout.top_p, cfg.rollout.max_new_tokens,
+                                              seed=recipe.seed * 1_000_003 + step)
+                completions = [c for group in groups for c in group]
+                with timers("reward"):
+                    scored = reward_pool.score([c["text"] for c in completions],
+                                               [references[i] for i in batch for _ in range(G)])
+                advantages = group_advantages(torch.tensor(scored.total), G, cfg.advantage.scale, cfg.advantage.eps)
+                chosen, weights = SELECTION_RULES[cfg.algorithm](advantages)
+                train_rows = [training_row(prompts[batch[j // G]], completions[j], advantages[j].item(),
+                                           weights[k].item(), cfg.loss.mask_truncated)
+                              for k, j in enumerate(chosen.tolist())]
+                with timers("pack"):
+                    per_rank, norm, pad_frac = plan_microbatches(train_rows, cfg.learner)
+                with timers("train"):
+                    stats = learners.call("train", per_rank_args=[(mbs, norm) for mbs in per_rank])
+                with timers("weight_sync"):
+                    handles = learners.call("publish_weights", sync.transport, str(ctx.stage_dir / "weights"), step)
+                    rollout.load_weights(sync.transport, handles[0], sync.timeout_s)
+            metrics = step_metrics(scored, completions, train_rows, stats, pad_frac, timers.pop())
+            tracker.log(step, metrics)
+            if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
+                with timers("checkpoint"):
+                    save_checkpoint(ckpts, learners, step, sampler, recipe.model.path)
+        final = ctx.stage_dir / "model"
+        learners.call("save_hf", str(final), recipe.model.path)
+    finally:
+        tracker.close()
+        reward_pool.close()
+        rollout.shutdown()
+        learners.shutdown()
+    return {"model": str(final), "steps": total_steps}
+
+
+def training_row(prompt_ids, completion, advantage, weight, mask_truncated) -> dict:
+    return {"prompt_ids": prompt_ids, "completion_ids": completion["token_ids"],
+            "rollout_logprobs": completion["logprobs"], "advantage": advantage, "weight": weight,
+            "masked": mask_truncated and completion["finish_reason"] == "length"}
+
+
+def plan_microbatches(rows: list[dict], learner_cfg):
+    """Token-budget micro-batches split evenly over ranks, plus the global loss normalisers."""
+    lengths = [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows]
+    batches = token_budget_microbatches(lengths, learner_cfg.max_tokens_per_microbatch)
+    per_rank = split_across_ranks(batches, lengths, learner_cfg.ranks)
+    norm = {"num_seqs": len(rows),
+            "num_tokens": max(1, sum(len(r["completion_ids"]) for r in rows if not r["masked"])),
+            "num_microbatches": len(batches)}
+    return [[[rows[i] for i in mb] for mb in mbs] for mbs in per_rank], norm, padding_fraction(lengths, batches)
+
+
+def step_metrics(scored, completions, train_rows, stats, pad_frac, timing) -> dict[str, float]:
+    total = lambda key: sum(s[key] for s in stats)  # noqa: E731 - summed over ranks
+    tokens = max(1.0, total("tokens"))
+    rewards = torch.tensor(scored.total)
+    lengths = torch.tensor([len(c["token_ids"]) for c in completions], dtype=torch.float32)
+    kept_tokens = sum(len(r["completion_ids"]) for r in train_rows)
+    metrics = {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "reward/accuracy": sum(scored.correct) / len(scored.correct),
+        **{f"reward/{name}": sum(v) / len(v) for name, v in scored.per_verifier.items()},
+        "reward/timeouts": scored.timeouts, "reward/errors": scored.errors, "reward/rejected": scored.rejected,
+        "response/length_mean": lengths.mean().item(),
+        "response/truncated_frac": sum(c["finish_reason"] == "length" for c in completions) / len(completions),
+        "loss/policy": total("policy_loss"),
+        "loss/kl": total("kl") / tokens,
+        "train/clip_frac": total("clipped") / tokens,
+        "train/entropy": total("entropy") / tokens,
+        "train/grad_norm": stats[0]["grad_norm"],
+        "train/lr": stats[0]["lr"],
+        "train/tokens": tokens,
+        "select/kept_frac": len(train_rows) / len(completions),
+        "select/tokens_saved": 1.0 - kept_tokens / max(1.0, lengths.sum().item()),
+        "pack/padding_frac": pad_frac,
+        "rollout/mismatch_kl": total("mismatch_kl") / tokens,
+        **timing,
+    }
+    metrics["perf/tokens_per_s"] = lengths.sum().item() / max(timing["timing/step"], 1e-9)
+    return metrics
+
+
+def save_checkpoint(ckpts: CheckpointManager, learners: LearnerGroup, step: int, sampler, tokenizer_path) -> None:
+    partial = ckpts.begin(step)
+    learners.call("save_checkpoint", str(partial / "deepspeed"), "state")
+    learners.call("save_hf", str(partial / "hf"), tokenizer_path)
+    ckpts.commit(partial, {"step": step, "sampler": sampler.state_dict(), "time": time.time()})
+    print(f"[checkpoint] step {step} -> {partial.with_suffix('')}", flush=True)

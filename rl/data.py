@@ -1,0 +1,75 @@
+"""Prompts: rows from local files or the Hugging Face hub, prompt templates, a resumable sampler."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def load_rows(source) -> list[dict]:
+    """Rows of a `DataSource`: local .jsonl/.json/.parquet, else a hub dataset name."""
+    import datasets
+
+    path = Path(source.path)
+    if path.suffix in {".jsonl", ".json", ".parquet"}:
+        if not path.is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+        builder = "parquet" if path.suffix == ".parquet" else "json"
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    else:
+        ds = datasets.load_dataset(source.path, source.config, split=source.split)
+    if source.limit is not None:
+        ds = ds.select(range(min(source.limit, len(ds))))
+    return ds.to_list()
+
+
+def prompt_text(tokenizer, data_cfg, question: str) -> str:
+    user = data_cfg.template.replace("{question}", question)
+    if not data_cfg.chat_template:
+        return user
+    messages = [{"role": "user", "content": user}]
+    if data_cfg.system_prompt:
+        messages.insert(0, {"role": "system", "content": data_cfg.system_prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer, data_cfg, rows: list[dict]) -> list[list[int]]:
+    """Token ids of each row's prompt, left-truncated to `max_prompt_tokens`."""
+    texts = [prompt_text(tokenizer, data_cfg, row[data_cfg.question_key]) for row in rows]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [p[-data_cfg.max_prompt_tokens:] for p in ids]
+
+
+class PromptSampler:
+    """Shuffled passes over N prompts; a new permutation each epoch, fully determined by the seed.
+
+    Its state is two integers, so a resumed run draws exactly the prompts the first run would have.
+    """
+
+    def __init__(self, num_prompts: int, seed: int):
+        if num_prompts == 0:
+            raise ValueError("the train split has no rows")
+        self.num_prompts, self.seed = num_prompts, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_prompts)
+
+    def next(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            if self.position == self.num_prompts:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            take = min(count - len(out), self.num_prompts - self.position)
+            out.extend(int(i) for i in self._order[self.position:self.position + take])
+            self.position += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation()

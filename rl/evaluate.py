@@ -1,0 +1,48 @@
+"""The eval stage: greedy accuracy of each model artifact on the eval split."""
+from __future__ import annotations
+
+import json
+
+
+from rewards import RewardPool
+from rewards.gsm8k import reference_answer
+from rl.data import encode_prompts, load_rows
+from rollout.worker import RolloutGroup
+
+
+def evaluate_model(model_path: str, recipe, cfg, prompts: list[list[int]], references: list[str]) -> dict:
+    engine = RolloutGroup(model_path, recipe.model.dtype, recipe.data.max_prompt_tokens + cfg.max_new_tokens,
+                          recipe.seed, engines=1, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                          cpu_kvcache_gib=cfg.cpu_kvcache_gib)
+    try:
+        outputs = engine.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens)
+    finally:
+        engine.shutdown()
+    texts = [out[0]["text"] for out in outputs]
+    with RewardPool([{"verifier": "gsm8k_accuracy", "weight": 1.0}]) as pool:
+        scored = pool.score(texts, references)
+    lengths = [len(out[0]["token_ids"]) for out in outputs]
+    return {"accuracy": sum(scored.correct) / len(texts), "n": len(texts),
+            "length_mean": sum(lengths) / len(lengths), "samples": texts[:3]}
+
+
+def run_eval_stage(ctx) -> dict:
+    recipe, cfg = ctx.recipe, ctx.stage
+    from transformers import AutoTokenizer
+
+    models = {"base": recipe.model.path} if cfg.include_base else {}
+    models.update({name: art["model"] for name, art in ctx.inputs.items() if "model" in art})
+    if not models:
+        raise ValueError(f"eval stage '{cfg.name}' has no model to evaluate (include_base is off and no input has one)")
+    rows = load_rows(recipe.data.eval)[: cfg.limit]
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    prompts = encode_prompts(tokenizer, recipe.data, rows)
+    references = [reference_answer(str(r[recipe.data.answer_key])) for r in rows]
+    results = {}
+    for name, path in models.items():
+        results[name] = evaluate_model(path, recipe, cfg, prompts, references)
+        print(f"[{cfg.name}] {name}: greedy accuracy {results[name]['accuracy']:.3f} "
+              f"on {results[name]['n']} problems ({path})", flush=True)
+    (ctx.stage_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return {"results": str(ctx.stage_dir / "results.json"),
+            "accuracy": {name: r["accuracy"] for name, r in results.items()}}

@@ -1,0 +1,74 @@
+"""Metrics: phase timers, `metrics.jsonl`, Weights & Biases, and one progress line per step."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class Timers:
+    """`with timers("rollout"): ...` records `timing/rollout` in seconds for the current step."""
+
+    def __init__(self):
+        self.values: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.values[f"timing/{phase}"] = self.values.get(f"timing/{phase}", 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        out, self.values = self.values, {}
+        return out
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, recipe, stage_name: str, total_steps: int, progress: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.stage, self.total_steps, self.progress = stage_name, total_steps, progress
+        self.start = time.time()
+        wandb_cfg = recipe.logging.wandb
+        mode = os.environ.get("WANDB_MODE", wandb_cfg.mode)
+        self.wandb = None
+        if mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group or recipe.name,
+                name=f"{run_dir.name}/{stage_name}", tags=wandb_cfg.tags, mode=mode, dir=str(run_dir),
+                config=recipe.model_dump(mode="json"), resume="allow", id=_wandb_id(run_dir, stage_name))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"stage": self.stage, "step": step, **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.progress:
+            print(progress_line(step, self.total_steps, metrics), flush=True)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_id(run_dir: Path, stage: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in f"{run_dir.name}-{stage}")[-64:]
+
+
+def progress_line(step: int, total: int, m: dict[str, float]) -> str:
+    return (f"step {step:>4}/{total} | reward {m.get('reward/mean', float('nan')):.3f} "
+            f"| acc {m.get('reward/accuracy', float('nan')):.3f} "
+            f"| len {m.get('response/length_mean', float('nan')):.1f} "
+            f"| loss {m.get('loss/policy', float('nan')):+.4f} "
+            f"| {m.get('timing/step', float('nan')):.2f}s/step")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

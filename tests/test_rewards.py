@@ -1,0 +1,228 @@
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rewards import VERIFIERS, RewardPool, register
+from rewards.gsm8k import extract_answer, reference_answer
+from rewards.verifiers import format_reward, gsm8k_accuracy
+
+# The pool's workers import test verifiers by module name; they inherit this sys.path.
+sys.path.insert(0, str(Path(__file__).parent))
+import _test_verifiers  # noqa: E402
+
+register("sleepy", _test_verifiers.sleepy)
+register("faulty", _test_verifiers.faulty)
+
+GOOD = "<think>3 + 4 = 7</think>\n<answer>7</answer>"
+
+
+# --- GSM8K answers ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, expected", [
+    ("Natalia sold 48/2 = 24 clips in May.\nTotal 48+24 = 72\n#### 72", "72"),
+    ("so 1000 + 234 = 1234\n#### 1,234", "1234"),
+    ("#### -3", "-3"),
+    ("  42 \n", "42"),
+])
+def test_reference_answer(field, expected):
+    assert reference_answer(field) == expected
+
+
+@pytest.mark.parametrize("completion, expected", [
+    # "####" wins over a later number (math-verify alone would take the 5)
+    ("#### 72\nBut wait, 5", "72"),
+    ("First 3, then 4.\n#### 1,234.", "1234"),
+    # \boxed, nested braces, the last box
+    ("so it is \\boxed{\\frac{1}{2}} in the end", "\\frac{1}{2}"),
+    ("\\boxed{1} no, \\boxed{\\frac{3}{4}} then 9", "\\frac{3}{4}"),
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("\\boxed{72.}", "72"),
+    # an unclosed box is ignored: the last number decides
+    ("\\boxed{\\frac{1}{2}", "2"),
+    # <answer> first, then the whole completion
+    ("<think>5 and 7</think>\n<answer>The total is 12.</answer> Wait, 13", "12"),
+    ("<think>I get 9</think>\n<answer>nine</answer>", "9"),
+    ("<answer>#### 8</answer>\n#### 6", "8"),
+    # the last number, commas, negatives
+    ("He has 3 apples and 4 pears, so 7.", "7"),
+    ("The farm earns 1,234,567 dollars a year", "1234567"),
+    ("the change is -15 degrees", "-15"),
+    ("it drops to -3.5", "-3.5"),
+    ("10-5", "5"),
+    ("(1, 2)", "2"),
+])
+def test_extract_answer(completion, expected):
+    assert extract_answer(completion) == expected
+
+
+@pytest.mark.parametrize("completion", ["", "no digits here", "\\boxed{}", "<answer></answer>", "####"])
+def test_extract_answer_none(completion):
+    assert extract_answer(completion) is None
+
+
+# --- verifiers, called directly ---------------------------------------------------------
+
+@pytest.mark.parametrize("completion, reference", [
+    ("#### 72", "72"),
+    ("\\boxed{72}", "72"),
+    ("The answer is 72.0", "72"),
+    ("The answer is $72$", "72"),
+    ("It costs 1,234", "1234"),
+    ("\\boxed{\\frac{1}{2}}", "0.5"),
+    ("\\boxed{\\dfrac12}", "0.5"),
+    ("\\boxed{0.5}", "\\frac{1}{2}"),
+    ("\\boxed{\\$72}", "72"),
+    ("#### 72\nBut wait, 5", "72"),
+    (GOOD, "reasoning\n#### 7"),  # a raw GSM8K answer field works as the reference too
+])
+def test_accuracy_equal(completion, reference):
+    assert gsm8k_accuracy(completion, reference) == 1.0
+
+
+@pytest.mark.parametrize("completion, reference", [
+    ("The answer is 71", "72"),
+    ("#### 5\nno wait, 72", "72"),
+    ("-72", "72"),
+    ("7.2", "72"),
+    ("no number", "72"),
+    ("", "72"),
+])
+def test_accuracy_not_equal(completion, reference):
+    assert gsm8k_accuracy(completion, reference) == 0.0
+
+
+@pytest.mark.parametrize("completion, expected", [
+    (GOOD, 1.0),
+    ("<think>line 1\nline 2</think>\n<answer>7</answer>", 1.0),
+    ("<think>a</think><answer>7</answer>", 0.0),          # the newline is required
+    ("<think>a</think>\n<answer>7</answer> more", 0.0),   # must match the whole completion
+    ("<think>a</think>\n<answer>7</answer>\n", 0.0),
+    ("Sure! <think>a</think>\n<answer>7</answer>", 0.0),
+    ("<answer>7</answer>", 0.0),
+])
+def test_format_default_pattern(completion, expected):
+    assert format_reward(completion, "7") == expected
+
+
+def test_format_custom_pattern():
+    assert format_reward("123", "", pattern=r"\d+") == 1.0
+    assert format_reward("123a", "", pattern=r"\d+") == 0.0
+
+
+def test_registry():
+    assert {"gsm8k_accuracy", "format", "sleepy"} <= set(VERIFIERS)
+
+    @register("constant_for_test")
+    def constant(completion, reference):
+        return 0.25
+    assert VERIFIERS["constant_for_test"] is constant
+    del VERIFIERS["constant_for_test"]
+
+
+# --- the pool ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pool():
+    terms = [{"verifier": "gsm8k_accuracy", "weight": 2.0},
+             {"verifier": "format", "weight": 0.5, "pattern": None}]
+    with RewardPool(terms, workers=2, timeout_s=5.0, chunk_size=2) as p:
+        yield p
+
+
+def test_pool_weighted_total(pool):
+    completions = [GOOD,                                            # right, formatted
+                   "<think>3 + 4</think>\n<answer>8</answer>",      # wrong, formatted
+                   "3 + 4 = \\boxed{7}",                            # right, unformatted
+                   "no idea"]                                       # neither
+    result = pool.score(completions, ["7"] * 4)
+    assert result.per_verifier == {"gsm8k_accuracy": [1.0, 0.0, 1.0, 0.0], "format": [1.0, 1.0, 0.0, 0.0]}
+    assert result.total == [2.5, 0.5, 2.0, 0.0]
+    assert result.correct == [True, False, True, False]
+    assert (result.timeouts, result.errors, result.rejected) == (0, 0, 0)
+
+
+def test_pool_keeps_order_across_chunks(pool):
+    answers = [str(k) for k in range(11)]
+    result = pool.score([f"#### {a}" for a in answers], answers[:5] + ["x"] + answers[6:])
+    assert result.correct == [k != 5 for k in range(11)]
+
+
+def test_pool_empty_batch(pool):
+    result = pool.score([], [])
+    assert (result.total, result.correct, result.per_verifier["format"]) == ([], [], [])
+
+
+def test_pool_length_mismatch(pool):
+    with pytest.raises(ValueError):
+        pool.score(["#### 1"], [])
+
+
+def test_pool_malformed_inputs(pool):
+    completions = [
+        "",                                  # rejected
+        "   \n",                             # rejected (blank)
+        "1" * 1_000_000,                     # rejected (over max_chars)
+        "\ud800 #### 7",                     # rejected (lone surrogate)
+        "#### 7\x00",                        # rejected (NUL)
+        None,                                # rejected (not a str)
+        b"#### 7",                           # rejected (not a str)
+        "\\boxed{" * 2000 + "\\frac{1}{",    # unbalanced: scored, the last number is 1
+        "\\boxed{10^{10^{10}}}",             # math-verify's comparison times out
+        GOOD,
+    ]
+    start = time.monotonic()
+    result = pool.score(completions, ["7"] * len(completions))
+    assert time.monotonic() - start < 15
+    assert result.total == [0.0] * 9 + [2.5]
+    assert result.correct == [False] * 9 + [True]
+    assert (result.rejected, result.timeouts, result.errors) == (7, 1, 0)
+
+
+def test_pool_max_chars_is_a_limit_not_a_truncation():
+    long_but_right = "x" * 30 + " #### 7"
+    with RewardPool([{"verifier": "gsm8k_accuracy", "weight": 1.0}], workers=1, max_chars=30) as small:
+        result = small.score([long_but_right, "#### 7"], ["7", "7"])
+    assert result.total == [0.0, 1.0]
+    assert result.rejected == 1
+
+
+def test_pool_timeout_kills_a_hung_task():
+    with RewardPool([{"verifier": "sleepy", "weight": 1.0}], workers=2, timeout_s=0.5, chunk_size=4) as slow:
+        start = time.monotonic()
+        result = slow.score(["a", "sleep", "b", "c", "d"], ["0"] * 5)
+        assert time.monotonic() - start < 20  # the verifier sleeps 60 s
+        # Only the hung completion loses its score, not the rest of its chunk.
+        assert result.total == [1.0, 0.0, 1.0, 1.0, 1.0]
+        assert (result.timeouts, result.errors) == (1, 0)
+        # The pool replaced the killed worker and goes on.
+        assert slow.score(["e"], ["0"]).total == [1.0]
+
+
+def test_pool_counts_errors_and_dead_workers():
+    terms = [{"verifier": "faulty", "weight": 3.0}]
+    with RewardPool(terms, workers=1, timeout_s=5.0, chunk_size=8) as pool_:
+        result = pool_.score(["ok", "raise", "nan", "die", "ok"], ["0"] * 5)
+    assert result.total == [3.0, 0.0, 0.0, 0.0, 3.0]
+    assert result.correct == [False] * 5  # no gsm8k_accuracy term
+    assert (result.errors, result.timeouts) == (3, 0)
+
+
+@pytest.mark.parametrize("terms", [
+    [],
+    [{"verifier": "nope", "weight": 1.0}],
+    [{"verifier": "gsm8k_accuracy", "weight": 1.0, "pattern": "x"}],  # takes no options
+    [{"verifier": "format", "weight": 1.0}, {"verifier": "format", "weight": 2.0}],
+])
+def test_pool_rejects_bad_terms(terms):
+    with pytest.raises(ValueError):
+        RewardPool(terms)
+
+
+def test_pool_close():
+    p = RewardPool([{"verifier": "format", "weight": 1.0, "pattern": r"\d+"}], workers=1)
+    with p:
+        assert p.score(["12", "ab"], ["", ""]).total == [1.0, 0.0]
+    with pytest.raises(RuntimeError):
+        p.score(["12"], [""])
