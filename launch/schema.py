@@ -140,6 +140,7 @@ class OptimConfig(Strict):
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")

@@ -5,6 +5,7 @@ The distribution lives behind RolloutGroup (vLLM engines) and LearnerGroup (Deep
 """
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -17,7 +18,7 @@ from rl.checkpoint import CheckpointManager
 from rl.data import PromptSampler, encode_prompts, load_rows
 from rl.learner import LearnerGroup
 from rl.selection import SELECTION_RULES
-from rl.tracking import Timers, Tracker
+from rl.tracking import Timers, Tracker, drop_records_after
 from rollout.worker import RolloutGroup
 
 
@@ -50,7 +51,9 @@ def run_rl_stage(ctx) -> dict:
                            cfg.rollout.cpu_kvcache_gib, cfg.rollout.enforce_eager,
                            cfg.rollout.gpu_memory_utilization)
     reward_pool = RewardPool([t.model_dump() for t in cfg.rewards.terms], cfg.rewards.workers, cfg.rewards.timeout_s)
-    tracker = Tracker(ctx.run_dir, recipe, cfg.name, total_steps, recipe.logging.progress)
+    tracker = Tracker(ctx.run_dir, recipe, cfg.name, total_steps, start_step, recipe.logging.progress)
+    batch_log = ctx.stage_dir / "batches.jsonl"  # which prompts each step drew: the data order
+    drop_records_after(batch_log, cfg.name, start_step)
     G = cfg.group_size
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -78,6 +81,8 @@ def run_rl_stage(ctx) -> dict:
                     rollout.load_weights(sync.transport, handles[0], sync.timeout_s)
             metrics = step_metrics(scored, completions, train_rows, stats, pad_frac, timers.pop())
             tracker.log(step, metrics)
+            with batch_log.open("a") as f:
+                f.write(json.dumps({"stage": cfg.name, "step": step, "prompts": batch}) + "\n")
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
                 with timers("checkpoint"):
                     save_checkpoint(ckpts, learners, step, sampler, recipe.model.path)

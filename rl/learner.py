@@ -115,10 +115,10 @@ class LearnerWorker:
                                                      trust_remote_code=model_cfg["trust_remote_code"])
         if learner["gradient_checkpointing"]:
             model.gradient_checkpointing_enable()
-        self.tie_embeddings = bool(getattr(model.config, "tie_word_embeddings", False))
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         optim = learner["optim"]
-        adamw = {"lr": optim["lr"], "betas": tuple(optim["betas"]), "weight_decay": optim["weight_decay"]}
+        adamw = {"lr": optim["lr"], "betas": tuple(optim["betas"]), "weight_decay": optim["weight_decay"],
+                 "eps": optim["eps"]}
         zero = learner["zero_stage"]
         optimizer = (NormReportingAdamW(model.parameters(), optim["grad_clip"], **adamw) if zero == 0
                      else torch.optim.AdamW(model.parameters(), **adamw))
@@ -213,10 +213,9 @@ class LearnerWorker:
         with deepspeed.zero.GatheredParameters(params, enabled=self.engine.zero_optimization_stage() == 3):
             if self.rank != 0:
                 return None
-            state = {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
-        if self.tie_embeddings:
-            state.pop("lm_head.weight", None)
-        return state
+            # Tied embeddings keep `lm_head.weight` as its own entry: vLLM's CPU backend holds a
+            # separate copy of the output head that a reload of the embedding alone leaves stale.
+            return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
 
     def publish_weights(self, transport: str, directory: str, version: int) -> str | None:
         from rollout.weight_sync import TRANSPORTS

@@ -28,9 +28,12 @@ class Timers:
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, recipe, stage_name: str, total_steps: int, progress: bool = True):
+    def __init__(self, run_dir: Path, recipe, stage_name: str, total_steps: int, start_step: int = 0,
+                 progress: bool = True):
         self.path = run_dir / "metrics.jsonl"
         self.stage, self.total_steps, self.progress = stage_name, total_steps, progress
+        # A resumed stage repeats the steps after its checkpoint: drop their earlier records.
+        drop_records_after(self.path, stage_name, start_step)
         self.start = time.time()
         wandb_cfg = recipe.logging.wandb
         mode = os.environ.get("WANDB_MODE", wandb_cfg.mode)
@@ -67,6 +70,16 @@ def progress_line(step: int, total: int, m: dict[str, float]) -> str:
             f"| len {m.get('response/length_mean', float('nan')):.1f} "
             f"| loss {m.get('loss/policy', float('nan')):+.4f} "
             f"| {m.get('timing/step', float('nan')):.2f}s/step")
+
+
+def drop_records_after(path: Path, stage: str, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if not ((r := json.loads(line)).get("stage") == stage and r["step"] > step)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -35,6 +35,7 @@ DATA_DIR = ASSETS / "synth_gsm8k"
 OUT_DIR = ASSETS / "tiny-qwen2"
 
 EOS = "<|endoftext|>"
+MAX_LEN = 512
 SPECIAL_TOKENS = [EOS, "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -76,6 +77,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     # Build the tokenizer through Qwen2Tokenizer itself: what is saved is what reloads.
     tok = Qwen2Tokenizer(
         vocab=model["vocab"], merges=merges, eos_token=EOS, pad_token=EOS, unk_token=EOS,
+        model_max_length=MAX_LEN,
         additional_special_tokens=SPECIAL_TOKENS[1:],
     )
     tok.chat_template = CHAT_TEMPLATE
@@ -97,7 +99,7 @@ def make_model(vocab_size: int, eos_id: int, layers: int, intermediate: int):
         num_hidden_layers=layers,
         num_attention_heads=4,  # head_dim 32: supported by vLLM's CPU attention
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=MAX_LEN,
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
@@ -219,10 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab-size", type=int, default=512)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--intermediate", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=700)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
 
     t_start = time.time()

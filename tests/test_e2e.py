@@ -1,0 +1,137 @@
+"""End to end through the real CLI: quickstart, kill-and-resume, and Ray Jobs submission."""
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+PRUNERL = [sys.executable, "-m", "launch"]
+REQUIRED_METRICS = ["reward/mean", "reward/std", "reward/accuracy", "reward/gsm8k_accuracy",
+                    "response/length_mean", "response/truncated_frac", "loss/policy", "loss/kl",
+                    "train/clip_frac", "train/entropy", "train/grad_norm", "train/lr", "select/kept_frac",
+                    "select/tokens_saved", "pack/padding_frac", "timing/rollout", "timing/train",
+                    "timing/weight_sync", "timing/step", "perf/tokens_per_s", "rollout/mismatch_kl"]
+
+
+def run_cli(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*PRUNERL, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_quickstart_short(tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_cli("run", "recipes/quickstart.yaml", "stages.train.steps=3", "stages.train.checkpoint.every_steps=2",
+                  "stages.eval.limit=16", "--run-dir", str(run_dir))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "step    3/3" in out.stdout and "Traceback" not in out.stdout
+
+    assert (run_dir / "recipe.yaml").read_text().startswith("name: quickstart")
+    metrics = records(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        for key in REQUIRED_METRICS:
+            assert math.isfinite(m[key]), (key, m[key])
+        assert m["train/grad_norm"] > 0 and m["train/tokens"] > 0
+    ckpts = run_dir / "checkpoints" / "train"
+    assert (ckpts / "latest").read_text() == "step_000003"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000002", "step_000003"]
+    for folder in (ckpts / "step_000003" / "hf", run_dir / "train" / "model"):
+        assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert set(results) == {"base", "train"} and all(r["n"] == 16 for r in results.values())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["state"] == "succeeded" and summary["stages"] == {"train": "done", "eval": "done"}
+    assert summary["eval"]["eval"] == {k: r["accuracy"] for k, r in results.items()}
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
+
+    # Resubmitting a finished run skips every stage.
+    again = run_cli("run", "recipes/quickstart.yaml", "stages.train.steps=3", "stages.train.checkpoint.every_steps=2",
+                    "stages.eval.limit=16", "--run-dir", str(run_dir), "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "stage 'train' already done" in again.stdout and "stage 'eval' already done" in again.stdout
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    recipe = "tests/recipes/tiny_rl.yaml"
+    straight = tmp_path / "straight"
+    out = run_cli("run", recipe, "--run-dir", str(straight))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen([*PRUNERL, "run", recipe, "--run-dir", str(crashed)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = crashed / "checkpoints" / "train" / "latest"
+    deadline = time.time() + 400
+    while not (latest.exists() and latest.read_text() == "step_000002"):
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((crashed / "train" / "status.json").read_text())["state"] == "running"
+
+    resumed = run_cli("run", recipe, "--run-dir", str(crashed), "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "(step 2)" in resumed.stdout
+
+    def order(run):
+        return [(r["step"], r["prompts"]) for r in records(run / "train" / "batches.jsonl")]
+    assert [m["step"] for m in records(crashed / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert order(crashed) == order(straight)
+    lrs = lambda run: [m["train/lr"] for m in records(run / "metrics.jsonl")]  # noqa: E731
+    assert lrs(crashed) == pytest.approx(lrs(straight)), "scheduler state was not restored"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head on 127.0.0.1 in its own temp dir; stopped by killing only its own processes."""
+    temp_dir = Path("/tmp") / f"prt{os.getpid()}"  # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    dash = free_port()
+    subprocess.run([Path(sys.executable).parent / "ray", "start", "--head", f"--port={free_port()}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
+                    "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    yield f"http://127.0.0.1:{dash}", env
+    for p in psutil.process_iter(["cmdline"]):
+        if any(str(temp_dir) in part for part in (p.info["cmdline"] or [])):
+            p.kill()
+
+
+def test_submit_with_ray_job_submit_and_prunerl_submit(ray_head, tmp_path):
+    address, env = ray_head
+    by_ray = tmp_path / "by_ray"
+    out = subprocess.run([Path(sys.executable).parent / "ray", "job", "submit", "--address", address,
+                          "--working-dir", ".", "--", "tests/recipes/tiny_rl.yaml", "stages.train.steps=2",
+                          "--run-dir", str(by_ray)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in out.stdout and "step    2/2" in out.stdout
+    assert [m["step"] for m in records(by_ray / "metrics.jsonl")] == [1, 2]
+
+    by_cli = tmp_path / "by_cli"
+    out = run_cli("submit", "tests/recipes/tiny_rl.yaml", "stages.train.steps=2", "--address", address,
+                  "--run-dir", str(by_cli), env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "SUCCEEDED" in out.stdout
+    assert [m["step"] for m in records(by_cli / "metrics.jsonl")] == [1, 2]
