@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_POLICY = Path(os.environ.get("TINY_OVERRIDE", REPO / "recipes" / "assets" / "tiny-qwen2"))
+TINY_POLICY = REPO / "recipes" / "assets" / "tiny-qwen2"
 SYNTH_DATA = REPO / "recipes" / "assets" / "synth_gsm8k"
 
 os.environ.setdefault("WANDB_MODE", "offline")
