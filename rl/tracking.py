@@ -44,7 +44,9 @@ class Tracker:
             self.wandb = wandb.init(
                 project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group or recipe.name,
                 name=f"{run_dir.name}/{stage_name}", tags=wandb_cfg.tags, mode=mode, dir=str(run_dir),
-                config=recipe.model_dump(mode="json"), resume="allow", id=_wandb_id(run_dir, stage_name))
+                config=recipe.model_dump(mode="json"), resume="allow", id=_wandb_id(run_dir, stage_name),
+                settings=wandb.Settings(silent=True))
+            print(f"[{stage_name}] W&B {mode}: {self.wandb.dir}", flush=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"stage": self.stage, "step": step, **metrics}
@@ -65,11 +67,9 @@ def _wandb_id(run_dir: Path, stage: str) -> str:
 
 
 def progress_line(step: int, total: int, m: dict[str, float]) -> str:
-    return (f"step {step:>4}/{total} | reward {m.get('reward/mean', float('nan')):.3f} "
-            f"| acc {m.get('reward/accuracy', float('nan')):.3f} "
-            f"| len {m.get('response/length_mean', float('nan')):.1f} "
-            f"| loss {m.get('loss/policy', float('nan')):+.4f} "
-            f"| {m.get('timing/step', float('nan')):.2f}s/step")
+    return (f"step {step:>4}/{total} | reward {m['reward/mean']:.3f} | acc {m['reward/accuracy']:.3f} "
+            f"| len {m['response/length_mean']:.1f} | entropy {m['train/entropy']:.3f} "
+            f"| grad {m['train/grad_norm']:.3f} | {m['timing/step']:.2f}s/step")
 
 
 def drop_records_after(path: Path, stage: str, step: int) -> None:

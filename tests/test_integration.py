@@ -123,3 +123,44 @@ def test_weight_sync_engine_matches_learner(ray_local, tmp_path):
         if tokenizer.eos_token_id in expected:
             expected = expected[:expected.index(tokenizer.eos_token_id) + 1]
         assert got == expected
+
+
+def rewarded_answer_gains_likelihood(learner: dict) -> dict:
+    """One GRPO step where the answer 8 has advantage +1.5 and 6, 7, 9 have -0.5 (a group's
+    advantages sum to zero, so the shared tokens get no net push): afterwards 8 must be more
+    likely and the others less (the sign and plumbing of the whole update)."""
+    tok = AutoTokenizer.from_pretrained(TINY_POLICY)
+    prompt = tok("Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:")["input_ids"]
+    answers = {n: tok(f" Tom has 3 + 5 = {n} apples.\n#### {n}")["input_ids"] + [tok.eos_token_id]
+               for n in (6, 7, 8, 9)}
+    cfg = RLStage(name="train", learner=learner)
+    cfg.learner.optim.lr = 1e-4
+    rows = [{"prompt_ids": prompt, "completion_ids": ids, "rollout_logprobs": None,
+             "advantage": 1.5 if n == 8 else -0.5, "weight": 1.0, "masked": False} for n, ids in answers.items()]
+    group = LearnerGroup(MODEL, cfg.model_dump(mode="json"), total_optimizer_steps=1, seed=0)
+    try:
+        per_rank, norm, _ = plan_microbatches(rows, cfg.learner)
+        stats = group.call("train", per_rank_args=[(mbs, norm) for mbs in per_rank])
+        state = group.call("full_state_dict")[0]
+    finally:
+        group.shutdown()
+    model = AutoModelForCausalLM.from_pretrained(TINY_POLICY).eval()
+
+    def seq_logp(ids):
+        full = torch.tensor([prompt + ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(full).logits[0, :-1], -1)
+        return logp[len(prompt) - 1:].gather(-1, torch.tensor(ids)[:, None]).sum().item()
+    before = {n: seq_logp(ids) for n, ids in answers.items()}
+    model.load_state_dict(state)
+    after = {n: seq_logp(ids) for n, ids in answers.items()}
+    assert after[8] > before[8], (before, after)
+    for n in (6, 7, 9):
+        assert after[n] < before[n], (n, before, after)
+    return stats[0]
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_update_raises_likelihood_of_rewarded_completion(ray_local, zero_stage):
+    stats = rewarded_answer_gains_likelihood({"ranks": 1, "zero_stage": zero_stage})
+    assert stats["grad_norm"] > 0
