@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 
 import torch
 
@@ -35,27 +36,32 @@ def run_rl_stage(ctx) -> dict:
     ckpts = CheckpointManager(ctx.run_dir / "checkpoints" / cfg.name, cfg.checkpoint.keep_last)
     timers, sync = Timers(), cfg.rollout.weight_sync
 
-    learners = LearnerGroup(recipe.model.model_dump(), cfg.model_dump(mode="json"),
-                            total_steps * cfg.loss.iterations, recipe.seed)
-    start_step, engine_weights = 0, recipe.model.path
-    resume_from = ckpts.latest() if ctx.resume else None
-    if resume_from is not None:
-        state = ckpts.state(resume_from)
-        learners.call("load_checkpoint", str(resume_from / "deepspeed"), "state")
-        sampler.load_state_dict(state["sampler"])
-        start_step, engine_weights = state["step"], str(resume_from / "hf")
-        print(f"[{cfg.name}] resumed from {resume_from} (step {start_step})", flush=True)
-    rollout = RolloutGroup(engine_weights, recipe.model.dtype,
-                           recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens, recipe.seed,
-                           cfg.rollout.engines, cfg.rollout.num_cpus_per_engine, cfg.rollout.num_gpus_per_engine,
-                           cfg.rollout.cpu_kvcache_gib, cfg.rollout.enforce_eager,
-                           cfg.rollout.gpu_memory_utilization)
-    reward_pool = RewardPool([t.model_dump() for t in cfg.rewards.terms], cfg.rewards.workers, cfg.rewards.timeout_s)
-    tracker = Tracker(ctx.run_dir, recipe, cfg.name, total_steps, start_step, recipe.logging.progress)
-    batch_log = ctx.stage_dir / "batches.jsonl"  # which prompts each step drew: the data order
-    drop_records_after(batch_log, cfg.name, start_step)
-    G = cfg.group_size
-    try:
+    with ExitStack() as cleanup:
+        learners = LearnerGroup(recipe.model.model_dump(), cfg.model_dump(mode="json"),
+                                total_steps * cfg.loss.iterations, recipe.seed)
+        cleanup.callback(learners.shutdown)
+        start_step, engine_weights = 0, recipe.model.path
+        resume_from = ckpts.latest() if ctx.resume else None
+        if resume_from is not None:
+            state = ckpts.state(resume_from)
+            learners.call("load_checkpoint", str(resume_from / "deepspeed"), "state")
+            sampler.load_state_dict(state["sampler"])
+            start_step, engine_weights = state["step"], str(resume_from / "hf")
+            print(f"[{cfg.name}] resumed from {resume_from} (step {start_step})", flush=True)
+        rollout = RolloutGroup(engine_weights, recipe.model.dtype,
+                               recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens, recipe.seed,
+                               cfg.rollout.engines, cfg.rollout.num_cpus_per_engine, cfg.rollout.num_gpus_per_engine,
+                               cfg.rollout.cpu_kvcache_gib, cfg.rollout.enforce_eager,
+                               cfg.rollout.gpu_memory_utilization)
+        cleanup.callback(rollout.shutdown)
+        reward_pool = cleanup.enter_context(
+            RewardPool([t.model_dump() for t in cfg.rewards.terms], cfg.rewards.workers, cfg.rewards.timeout_s))
+        tracker = Tracker(ctx.run_dir, recipe, cfg.name, total_steps, start_step, recipe.logging.progress)
+        cleanup.callback(tracker.close)
+        batch_log = ctx.stage_dir / "batches.jsonl"  # which prompts each step drew: the data order
+        drop_records_after(batch_log, cfg.name, start_step)
+        G = cfg.group_size
+
         for step in range(start_step + 1, total_steps + 1):
             with timers("step"):
                 batch = sampler.next(cfg.prompts_per_step)
@@ -79,20 +85,15 @@ def run_rl_stage(ctx) -> dict:
                 with timers("weight_sync"):
                     handles = learners.call("publish_weights", sync.transport, str(ctx.stage_dir / "weights"), step)
                     rollout.load_weights(sync.transport, handles[0], sync.timeout_s)
-            metrics = step_metrics(scored, completions, train_rows, stats, pad_frac, timers.pop())
-            tracker.log(step, metrics)
+            tracker.log(step, step_metrics(scored, completions, train_rows, stats, pad_frac, timers.pop()))
             with batch_log.open("a") as f:
                 f.write(json.dumps({"stage": cfg.name, "step": step, "prompts": batch}) + "\n")
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
                 with timers("checkpoint"):
                     save_checkpoint(ckpts, learners, step, sampler, recipe.model.path)
+
         final = ctx.stage_dir / "model"
         learners.call("save_hf", str(final), recipe.model.path)
-    finally:
-        tracker.close()
-        reward_pool.close()
-        rollout.shutdown()
-        learners.shutdown()
     return {"model": str(final), "steps": total_steps}
 
 
