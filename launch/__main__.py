@@ -3,4 +3,5 @@ import sys
 
 from launch.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # worker processes (reward pool, vLLM) may import the main module
+    sys.exit(main())

@@ -49,7 +49,8 @@ def run_rl_stage(ctx) -> dict:
             start_step, engine_weights = state["step"], str(resume_from / "hf")
             print(f"[{cfg.name}] resumed from {resume_from} (step {start_step})", flush=True)
         rollout = RolloutGroup(engine_weights, recipe.model.dtype,
-                               recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens, recipe.seed,
+                               recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                               recipe.seed + 7919 * start_step,  # a resumed run does not replay step 1's samples
                                cfg.rollout.engines, cfg.rollout.num_cpus_per_engine, cfg.rollout.num_gpus_per_engine,
                                cfg.rollout.cpu_kvcache_gib, cfg.rollout.enforce_eager,
                                cfg.rollout.gpu_memory_utilization)
@@ -67,8 +68,7 @@ def run_rl_stage(ctx) -> dict:
                 batch = sampler.next(cfg.prompts_per_step)
                 with timers("rollout"):
                     groups = rollout.generate([prompts[i] for i in batch], G, cfg.rollout.temperature,
-                                              cfg.rollout.top_p, cfg.rollout.max_new_tokens,
-                                              seed=recipe.seed * 1_000_003 + step)
+                                              cfg.rollout.top_p, cfg.rollout.max_new_tokens)
                 completions = [c for group in groups for c in group]
                 with timers("reward"):
                     scored = reward_pool.score([c["text"] for c in completions],

@@ -16,14 +16,17 @@ class RolloutWorker:
                        enable_prefix_caching=False)
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int | None = None) -> list[list[dict]]:
-        """For each prompt, n completions as {token_ids, logprobs, finish_reason, text}."""
+                 max_new_tokens: int) -> list[list[dict]]:
+        """For each prompt, n completions as {token_ids, logprobs, finish_reason, text}.
+
+        Sampling draws from the engine's seeded generator. Per-request seeds are not used: vLLM
+        0.32's CPU runner fails on them once prefills are chunked ("CPU Generator does not use
+        offset").
+        """
         from vllm import SamplingParams, TokensPrompt
 
-        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 logprobs=0 if temperature > 0 else None,
-                                 seed=None if seed is None else seed + i)
-                  for i in range(len(prompts))]
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                logprobs=0 if temperature > 0 else None)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                     use_tqdm=False)
         return [[_completion(c) for c in out.outputs] for out in outputs]
@@ -68,11 +71,10 @@ class RolloutGroup:
         ray.get([w.ready.remote() for w in self.workers])
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int | None = None) -> list[list[dict]]:
+                 max_new_tokens: int) -> list[list[dict]]:
         shards = [list(range(len(prompts)))[i::len(self.workers)] for i in range(len(self.workers))]
-        refs = [w.generate.remote([prompts[j] for j in shard], n, temperature, top_p, max_new_tokens,
-                                  None if seed is None else seed + 100_003 * k)
-                for k, (w, shard) in enumerate(zip(self.workers, shards)) if shard]
+        refs = [w.generate.remote([prompts[j] for j in shard], n, temperature, top_p, max_new_tokens)
+                for w, shard in zip(self.workers, shards) if shard]
         results: list = [None] * len(prompts)
         for shard, out in zip([s for s in shards if s], ray.get(refs)):
             for j, completions in zip(shard, out):

@@ -81,7 +81,7 @@ def test_weight_sync_engine_matches_learner(ray_local, tmp_path):
                            cpu_kvcache_gib=1)
     learners = LearnerGroup(MODEL, cfg.model_dump(mode="json"), total_optimizer_steps=1, seed=0)
     try:
-        sampled = rollout.generate(prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=24, seed=1)
+        sampled = rollout.generate(prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=24)
         rows = [{"prompt_ids": p, "completion_ids": c["token_ids"], "rollout_logprobs": c["logprobs"],
                  "advantage": 1.0 if k % 2 else -1.0, "weight": 1.0, "masked": False}
                 for p, group in zip(prompts, sampled) for k, c in enumerate(group)]
@@ -91,7 +91,7 @@ def test_weight_sync_engine_matches_learner(ray_local, tmp_path):
         handle = learners.call("publish_weights", "file", str(tmp_path / "sync"), 1)[0]
         rollout.load_weights("file", handle, timeout_s=60)
         engine_out = [g[0]["token_ids"] for g in rollout.generate(prompts, 1, 0.0, 1.0, 24)]
-        resampled = rollout.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_new_tokens=24, seed=2)
+        resampled = rollout.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_new_tokens=24)
         learners.call("save_hf", str(tmp_path / "hf"), str(TINY_POLICY))
     finally:
         rollout.shutdown()
