@@ -106,7 +106,7 @@ def cmd_run(args) -> int:
     summary = write_summary(recipe, run_dir, artifacts, state, time.time() - start)
     print(f"[prunerl] {state} in {summary['wall_time_s']:.0f}s; summary: {run_dir / 'summary.json'}")
     for stage, acc in summary.get("eval", {}).items():
-        print(f"[prunerl] eval {stage}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+        print(f"[prunerl] stage '{stage}' greedy accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     return 0 if state == "succeeded" else 1
 
 

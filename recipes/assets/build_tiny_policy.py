@@ -6,7 +6,11 @@
    ``AutoTokenizer.from_pretrained`` (which returns ``Qwen2Tokenizer``) gives identical ids.
 3. Pretrain a tiny ``Qwen2ForCausalLM`` with plain torch on the RL prompt format
    (prompt ``"Question: {q}\\nAnswer:"``, target ``" {answer}<|endoftext|>"``, loss on the
-   target only), stopping early so that greedy accuracy stays partial and RL has room.
+   target only). A fraction of the pretraining answers (``--slip-rate``) keep the right worked
+   solution but end on a wrong ``#### N`` line (the question's first number), so the
+   pretrained policy often computes the answer and then reports the wrong one: a behaviour it
+   already has both ways, which RL can sharpen within minutes (like answer-format and
+   answer-selection errors of real pretrained models), on top of arithmetic it gets partly right.
 4. Save model (safetensors), tokenizer and generation config, then report greedy accuracy
    and pass@8 at temperature 1 on the shipped eval set.
 
@@ -19,6 +23,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -110,6 +115,13 @@ def make_model(vocab_size: int, eos_id: int, layers: int, intermediate: int):
         torch_dtype="float32",
     )
     return Qwen2ForCausalLM(config).float()
+
+
+def with_slip(row: dict) -> dict:
+    """The same worked solution, but a final ``#### N`` that repeats the question's first number."""
+    head, _, final = row["answer"].rpartition("#### ")
+    first = re.search(r"\d+", row["question"])
+    return {**row, "answer": f"{head}#### {first.group()}"} if first and first.group() != final.strip() else row
 
 
 def encode_example(tok, row: dict) -> tuple[list[int], int]:
@@ -225,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--slip-rate", type=float, default=0.5,
+                    help="fraction of pretraining answers whose final #### line is wrong")
     args = ap.parse_args(argv)
 
     t_start = time.time()
@@ -236,7 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     shipped_eval = read_jsonl(Path(args.data) / "eval.jsonl")
     held_out = {r["question"] for r in shipped_train + shipped_eval}
     rows = generate(args.pretrain_rows, args.seed, exclude=held_out)
-    print(f"pretraining set: {len(rows)} rows (seed {args.seed}), none from the shipped train/eval sets")
+    slip_rng = random.Random(args.seed + 1)
+    rows = [with_slip(r) if slip_rng.random() < args.slip_rate else r for r in rows]
+    print(f"pretraining set: {len(rows)} rows (seed {args.seed}), none from the shipped train/eval sets, "
+          f"{args.slip_rate:.0%} with a wrong final line")
 
     tok = train_tokenizer([format_prompt(r["question"]) + " " + r["answer"] for r in rows], args.vocab_size)
     print(f"tokenizer: {len(tok)} tokens")
