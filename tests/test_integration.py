@@ -65,8 +65,11 @@ def test_update_independent_of_ranks_and_microbatching(ray_local, agg, zero_stag
     moved = max((one[k] - original[k]).abs().max().item() for k in one)
     assert moved > 1e-4, "the step did not change the weights"
     for k in one:
-        torch.testing.assert_close(two[k] - original[k], one[k] - original[k], rtol=1e-3, atol=1e-7,
-                                   msg=f"{k}: update differs ({agg})")
+        expected = one[k] - original[k]
+        # Summation order differs (micro-batches, reduce-scatter), so float error scales with
+        # the tensor's largest update; a normalisation bug would be off by whole factors.
+        torch.testing.assert_close(two[k] - original[k], expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item(),
+                                   msg=lambda m: f"{k}: update differs ({agg}): {m}")
 
 
 def test_weight_sync_engine_matches_learner(ray_local, tmp_path):
@@ -125,7 +128,7 @@ def test_weight_sync_engine_matches_learner(ray_local, tmp_path):
         assert got == expected
 
 
-def rewarded_answer_gains_likelihood(learner: dict) -> dict:
+def rewarded_answer_gains_likelihood(learner: dict, loss: dict | None = None) -> dict:
     """One GRPO step where the answer 8 has advantage +1.5 and 6, 7, 9 have -0.5 (a group's
     advantages sum to zero, so the shared tokens get no net push): afterwards 8 must be more
     likely and the others less (the sign and plumbing of the whole update)."""
@@ -133,7 +136,7 @@ def rewarded_answer_gains_likelihood(learner: dict) -> dict:
     prompt = tok("Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:")["input_ids"]
     answers = {n: tok(f" Tom has 3 + 5 = {n} apples.\n#### {n}")["input_ids"] + [tok.eos_token_id]
                for n in (6, 7, 8, 9)}
-    cfg = RLStage(name="train", learner=learner)
+    cfg = RLStage(name="train", learner=learner, loss=loss or {})
     cfg.learner.optim.lr = 1e-4
     rows = [{"prompt_ids": prompt, "completion_ids": ids, "rollout_logprobs": None,
              "advantage": 1.5 if n == 8 else -0.5, "weight": 1.0, "masked": False} for n, ids in answers.items()]
@@ -163,4 +166,11 @@ def rewarded_answer_gains_likelihood(learner: dict) -> dict:
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_update_raises_likelihood_of_rewarded_completion(ray_local, zero_stage):
     stats = rewarded_answer_gains_likelihood({"ranks": 1, "zero_stage": zero_stage})
-    assert stats["grad_norm"] > 0
+    assert stats["grad_norm"] > 0 and stats["kl"] == 0.0
+
+
+def test_reference_kl_and_two_iterations(ray_local):
+    """kl_coef > 0 loads a reference model; with mu = 2 the second pass is off-policy, so the
+    k3 KL to the reference is positive (it is exactly 0 on the first pass)."""
+    stats = rewarded_answer_gains_likelihood({"ranks": 1}, {"kl_coef": 0.04, "iterations": 2})
+    assert stats["kl"] > 0 and stats["grad_norm"] > 0
