@@ -5,6 +5,7 @@ registered in `launch.stages`; each kind contributes its own config class to the
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -156,10 +157,31 @@ class LearnerConfig(Strict):
     optim: OptimConfig = OptimConfig()
 
 
+VERIFIER_OPTIONS = {"gsm8k_accuracy": {"exact_score", "equivalent_score"}, "format": {"pattern"}}
+
+
 class RewardTerm(Strict):
     verifier: Literal["gsm8k_accuracy", "format"] = Field(description="A verifier from `rewards`.")
     weight: float = 1.0
-    pattern: str | None = Field(None, description="`format` only: the regex a completion must match fully.")
+    pattern: str | None = Field(
+        None, description="`format` only: the regex a completion must match fully (default: the CPPO paper's).")
+    exact_score: float | None = Field(
+        None, description="`gsm8k_accuracy` only: score when the answer string equals the reference (default 1).")
+    equivalent_score: float | None = Field(
+        None, description="`gsm8k_accuracy` only: score when math-verify finds them equal (default 1).")
+
+    @model_validator(mode="after")
+    def _options_fit_verifier(self):
+        given = {k for k in ("pattern", "exact_score", "equivalent_score") if getattr(self, k) is not None}
+        wrong = sorted(given - VERIFIER_OPTIONS[self.verifier])
+        if wrong:
+            raise ValueError(f"verifier '{self.verifier}' takes no option {', '.join(wrong)}")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"pattern is not a valid regular expression: {e}") from None
+        return self
 
 
 class RewardConfig(Strict):
@@ -167,6 +189,15 @@ class RewardConfig(Strict):
         default_factory=lambda: [RewardTerm(verifier="gsm8k_accuracy")], min_length=1)
     workers: int = Field(2, ge=1, description="Reward processes.")
     timeout_s: float = Field(5.0, gt=0, description="Per-completion scoring limit; over it scores 0.")
+
+    @field_validator("terms")
+    @classmethod
+    def _one_term_per_verifier(cls, terms: list[RewardTerm]) -> list[RewardTerm]:
+        names = [t.verifier for t in terms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"each verifier may appear once; repeated: {', '.join(dupes)}")
+        return terms
 
 
 class CheckpointConfig(Strict):

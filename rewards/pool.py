@@ -37,7 +37,7 @@ _TIMEOUT, _ERROR = "timeout", "error"
 class RewardResult:
     total: list[float]                   # weighted sum per completion
     per_verifier: dict[str, list[float]]  # unweighted score per completion
-    correct: list[bool]                  # gsm8k_accuracy == 1 (all False without that term)
+    correct: list[bool]                  # gsm8k_accuracy > 0 (all False without that term)
     timeouts: int = 0                    # completions scored 0 because scoring ran past a limit
     errors: int = 0                      # ... because a verifier raised (or gave NaN) or the worker died
     rejected: int = 0                    # ... because they were refused up front (see module doc)
@@ -112,7 +112,7 @@ class RewardPool:
                     result.per_verifier[name][i] = value
                     result.total[i] += weight * value
         if _ACCURACY in result.per_verifier:
-            result.correct = [value == 1.0 for value in result.per_verifier[_ACCURACY]]
+            result.correct = [value > 0.0 for value in result.per_verifier[_ACCURACY]]
         return result
 
     def _submit(self, verifiers, indices, completions, references):

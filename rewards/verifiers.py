@@ -1,4 +1,4 @@
-"""Verifiers by name: fn(completion, reference, **options) -> float in [0, 1].
+"""Verifiers by name: fn(completion, reference, **options) -> float (0 when wrong).
 
 `register` adds one (tests add a deliberately slow one). The reward pool sends the function
 itself to its worker processes, pickled by reference, so a verifier must be a top-level function
@@ -30,8 +30,10 @@ def register(name: str, fn: Verifier | None = None):
 
 
 @register("gsm8k_accuracy")
-def gsm8k_accuracy(completion: str, reference: str) -> float:
-    """1.0 if the extracted answer equals the reference exactly or per math-verify, else 0.0.
+def gsm8k_accuracy(completion: str, reference: str, exact_score: float = 1.0,
+                   equivalent_score: float = 1.0) -> float:
+    """`exact_score` if the extracted answer is the reference string, `equivalent_score` if
+    math-verify finds them equal ("72.0" vs "72"), else 0.0. (The CPPO paper scores 2 / 1.5.)
 
     Raises where math-verify fails or times out (math_verify.errors.TimeoutException, a
     BaseException) instead of quietly scoring 0, so that the reward pool can count it.
@@ -41,7 +43,7 @@ def gsm8k_accuracy(completion: str, reference: str) -> float:
         return 0.0
     gold = reference_answer(reference)
     if predicted == gold:
-        return 1.0
+        return exact_score
     from math_verify import parse, verify  # heavy import (sympy); only where it is needed
 
     # signal.alarm only works in the main thread; elsewhere the caller must bound the time.
@@ -51,7 +53,8 @@ def gsm8k_accuracy(completion: str, reference: str) -> float:
     predicted_parsed = parse(f"\\boxed{{{predicted}}}", parsing_timeout=limit, raise_on_error=True)
     if not gold_parsed or not predicted_parsed:
         return 0.0
-    return 1.0 if verify(gold_parsed, predicted_parsed, timeout_seconds=limit, raise_on_error=True) else 0.0
+    equal = verify(gold_parsed, predicted_parsed, timeout_seconds=limit, raise_on_error=True)
+    return equivalent_score if equal else 0.0
 
 
 @register("format")

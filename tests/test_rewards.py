@@ -143,6 +143,15 @@ def test_pool_weighted_total(pool):
     assert (result.timeouts, result.errors, result.rejected) == (0, 0, 0)
 
 
+def test_graded_accuracy_scores_exact_above_equivalent():
+    """The CPPO paper's GSM8K reward: 2 for the reference string, 1.5 for a math-equal answer."""
+    terms = [{"verifier": "gsm8k_accuracy", "weight": 1.0, "exact_score": 2.0, "equivalent_score": 1.5}]
+    with RewardPool(terms, workers=1) as graded:
+        result = graded.score(["#### 72", "#### 72.0", "#### 71", "#### 1,234"], ["72", "72", "72", "1234"])
+    assert result.total == [2.0, 1.5, 0.0, 2.0]
+    assert result.correct == [True, True, False, True]
+
+
 def test_pool_keeps_order_across_chunks(pool):
     answers = [str(k) for k in range(11)]
     result = pool.score([f"#### {a}" for a in answers], answers[:5] + ["x"] + answers[6:])
