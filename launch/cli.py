@@ -71,7 +71,7 @@ def init_ray(recipe) -> None:
         ray.init(num_cpus=recipe.cluster.num_cpus, num_gpus=recipe.cluster.num_gpus,
                  include_dashboard=False, **quiet)
     if not recipe.logging.worker_logs:
-        logs = Path(ray.worker._global_node.get_session_dir_path()) / "logs"
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
         print(f"[prunerl] worker logs (vLLM, DeepSpeed): {logs} on each node", flush=True)
 
 
