@@ -43,9 +43,10 @@ def run_graph(recipe, run_dir: Path, resume: bool = False, log=print) -> dict[st
     Each stage's controller runs in a driver thread (so its progress lines reach the console) and
     places its own workers on the cluster as Ray actors with the resources its config declares.
     """
-    from launch.stages import run_stage
+    from launch.stages import load_runner, run_stage
 
     stages = {s.name: s for s in recipe.stages}
+    runners = {s.kind: load_runner(s.kind) for s in recipe.stages}
     artifacts: dict[str, dict] = {}
     running: dict[Future, str] = {}
     waiting = topological_order({n: s.needs for n, s in stages.items()})
@@ -65,7 +66,7 @@ def run_graph(recipe, run_dir: Path, resume: bool = False, log=print) -> dict[st
                 (run_dir / name).mkdir(parents=True, exist_ok=True)
                 write_json_atomic(run_dir / name / "status.json", {
                     "state": "running", "kind": stage.kind, "started": time.time(), "inputs": inputs})
-                running[pool.submit(run_stage, recipe, name, run_dir, inputs, resume)] = name
+                running[pool.submit(run_stage, runners[stage.kind], recipe, name, run_dir, inputs, resume)] = name
                 waiting.remove(name)
                 log(f"[graph] stage '{name}' ({stage.kind}) started")
             done = next(as_completed(running))

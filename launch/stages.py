@@ -5,8 +5,11 @@ nothing about particular kinds.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
+
+STAGE_RUNNERS = {"rl": "rl.controller:run_rl_stage", "eval": "rl.evaluate:run_eval_stage"}
 
 
 @dataclass
@@ -19,20 +22,13 @@ class StageContext:
     resume: bool
 
 
-def _rl(ctx):
-    from rl.controller import run_rl_stage
-    return run_rl_stage(ctx)
+def load_runner(kind: str):
+    """Import a kind's runner. Call from the main thread: concurrent first imports of
+    transformers' lazy modules from stage threads fail ("cannot import name AutoTokenizer")."""
+    module, _, name = STAGE_RUNNERS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _eval(ctx):
-    from rl.evaluate import run_eval_stage
-    return run_eval_stage(ctx)
-
-
-STAGE_RUNNERS = {"rl": _rl, "eval": _eval}
-
-
-def run_stage(recipe, name: str, run_dir: Path, inputs: dict, resume: bool) -> dict:
+def run_stage(runner, recipe, name: str, run_dir: Path, inputs: dict, resume: bool) -> dict:
     stage = next(s for s in recipe.stages if s.name == name)
-    ctx = StageContext(recipe, stage, run_dir, run_dir / name, inputs, resume)
-    return STAGE_RUNNERS[stage.kind](ctx)
+    return runner(StageContext(recipe, stage, run_dir, run_dir / name, inputs, resume))

@@ -10,6 +10,7 @@ import time
 from contextlib import ExitStack
 
 import torch
+from transformers import AutoTokenizer
 
 from rewards import RewardPool
 from rewards.gsm8k import reference_answer
@@ -25,8 +26,6 @@ from rollout.worker import RolloutGroup
 
 def run_rl_stage(ctx) -> dict:
     recipe, cfg = ctx.recipe, ctx.stage
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     rows = load_rows(recipe.data.train)
     prompts = encode_prompts(tokenizer, recipe.data, rows)

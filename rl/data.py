@@ -3,13 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import datasets
 import numpy as np
 
 
 def load_rows(source) -> list[dict]:
     """Rows of a `DataSource`: local .jsonl/.json/.parquet, else a hub dataset name."""
-    import datasets
-
     path = Path(source.path)
     if path.suffix in {".jsonl", ".json", ".parquet"}:
         if not path.is_file():

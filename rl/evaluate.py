@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from transformers import AutoTokenizer
 
 from rewards import RewardPool
 from rewards.gsm8k import reference_answer
@@ -28,8 +29,6 @@ def evaluate_model(model_path: str, recipe, cfg, prompts: list[list[int]], refer
 
 def run_eval_stage(ctx) -> dict:
     recipe, cfg = ctx.recipe, ctx.stage
-    from transformers import AutoTokenizer
-
     models = {"base": recipe.model.path} if cfg.include_base else {}
     models.update({name: art["model"] for name, art in ctx.inputs.items() if "model" in art})
     if not models:

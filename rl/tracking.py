@@ -7,6 +7,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import wandb
+
 
 class Timers:
     """`with timers("rollout"): ...` records `timing/rollout` in seconds for the current step."""
@@ -39,8 +41,6 @@ class Tracker:
         mode = os.environ.get("WANDB_MODE", wandb_cfg.mode)
         self.wandb = None
         if mode != "disabled":
-            import wandb
-
             self.wandb = wandb.init(
                 project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group or recipe.name,
                 name=f"{run_dir.name}/{stage_name}", tags=wandb_cfg.tags, mode=mode, dir=str(run_dir),
