@@ -11,7 +11,6 @@ where s is chosen by `scale`:
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 SCALES = ("group", "batch", "none")

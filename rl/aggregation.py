@@ -20,7 +20,6 @@ assumes, the caller scales each rank's loss by the world size (or divides the co
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 LOSS_AGG_MODES = ("grpo", "bnpo", "dr_grpo", "dapo")

@@ -69,7 +69,7 @@ def test_update_independent_of_ranks_and_microbatching(ray_local, agg, zero_stag
         # Summation order differs (micro-batches, reduce-scatter), so float error scales with
         # the tensor's largest update; a normalisation bug would be off by whole factors.
         torch.testing.assert_close(two[k] - original[k], expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item(),
-                                   msg=lambda m: f"{k}: update differs ({agg}): {m}")
+                                   msg=lambda m, k=k: f"{k}: update differs ({agg}): {m}")
 
 
 def test_weight_sync_engine_matches_learner(ray_local, tmp_path):
