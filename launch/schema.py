@@ -128,7 +128,8 @@ class RolloutConfig(Strict):
     engines: int = Field(1, ge=1, description="Number of vLLM engines (Ray actors).")
     num_cpus_per_engine: float = Field(1, ge=0)
     num_gpus_per_engine: float = Field(0, ge=0)
-    temperature: float = Field(1.0, ge=0)
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature; the learner scores tokens under the same temperature.")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(256, ge=1)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)

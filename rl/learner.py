@@ -50,8 +50,10 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def token_logprobs(model, batch, with_entropy: bool = False):
+def token_logprobs(model, batch, temperature: float, with_entropy: bool = False):
+    """Per-token log-probs of the targets under softmax(logits / temperature): the sampling policy."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    logits = logits / temperature
     targets = batch["input_ids"][:, 1:]
     logz = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
@@ -107,6 +109,7 @@ class LearnerWorker:
         self.rank, self.world_size = rank, world_size
         self.loss_cfg, learner = stage_cfg["loss"], stage_cfg["learner"]
         self.max_new_tokens = stage_cfg["rollout"]["max_new_tokens"]
+        self.temperature = stage_cfg["rollout"]["temperature"]
         self.device = torch.device("cuda" if learner["num_gpus_per_rank"] > 0 else "cpu")
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False)
@@ -157,7 +160,7 @@ class LearnerWorker:
     def _logprobs(self, model, batches: list[dict]) -> list[torch.Tensor]:
         was_training = model.training
         model.eval()
-        out = [token_logprobs(model, b)[0] for b in batches]
+        out = [token_logprobs(model, b, self.temperature)[0] for b in batches]
         model.train(was_training)
         return out
 
@@ -178,7 +181,7 @@ class LearnerWorker:
         for _ in range(cfg["iterations"]):
             lrs.append(self.engine.get_lr()[0])
             for is_real, batch, old_logp, ref_logp in zip(real, batches, old, ref):
-                logp, entropy = token_logprobs(self.engine, batch, with_entropy=True)
+                logp, entropy = token_logprobs(self.engine, batch, self.temperature, with_entropy=True)
                 old_logp = logp.detach() if old_logp is None else old_logp
                 mask = batch["loss_mask"]
                 is_w, mm_stats = mismatch_weights(old_logp, batch["rollout_logp"], mask, mode=mm["mode"],

@@ -13,7 +13,10 @@ class RolloutWorker:
 
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False,
+                       # Logprobs of the distribution actually sampled (after temperature), the
+                       # same quantity the learner computes from logits / temperature.
+                       logprobs_mode="processed_logprobs")
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
                  max_new_tokens: int) -> list[list[dict]]:

@@ -73,33 +73,37 @@ def test_update_independent_of_ranks_and_microbatching(ray_local, agg, zero_stag
 
 
 def test_weight_sync_engine_matches_learner(ray_local, tmp_path):
-    """After a training step and a sync, the vLLM engine's greedy output equals transformers'
-    greedy output with the learner's weights."""
+    """After a training step and a sync, the vLLM engine's sampling log-probs (at temperature T)
+    and greedy output equal transformers' with the learner's weights; and the learner scores the
+    engine's samples under the same temperature (its mismatch KL to the engine is ~0)."""
     tokenizer = AutoTokenizer.from_pretrained(TINY_POLICY)
+    T = 0.7
     cfg = stage_cfg(ranks=2, zero_stage=3)
-    cfg.learner.optim.lr = 1e-3
+    cfg.learner.optim.lr, cfg.rollout.temperature = 1e-3, T
     prompts = [tokenizer(f"Question: Ann has {n} pens and gets {n + 4} more. How many pens does she have?\nAnswer:")
                ["input_ids"] for n in (3, 11, 25)]
     rollout = RolloutGroup(str(TINY_POLICY), "float32", 256, seed=0, engines=1, num_cpus=1, num_gpus=0,
                            cpu_kvcache_gib=1)
     learners = LearnerGroup(MODEL, cfg.model_dump(mode="json"), total_optimizer_steps=1, seed=0)
     try:
-        sampled = rollout.generate(prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=24)
+        sampled = rollout.generate(prompts, n=4, temperature=T, top_p=1.0, max_new_tokens=24)
         rows = [{"prompt_ids": p, "completion_ids": c["token_ids"], "rollout_logprobs": c["logprobs"],
                  "advantage": 1.0 if k % 2 else -1.0, "weight": 1.0, "masked": False}
                 for p, group in zip(prompts, sampled) for k, c in enumerate(group)]
         assert all(len(c["logprobs"]) == len(c["token_ids"]) for g in sampled for c in g)
         per_rank, norm, _ = plan_microbatches(rows, cfg.learner)
-        learners.call("train", per_rank_args=[(mbs, norm) for mbs in per_rank])
+        stats = learners.call("train", per_rank_args=[(mbs, norm) for mbs in per_rank])
         handle = learners.call("publish_weights", "file", str(tmp_path / "sync"), 1)[0]
         rollout.load_weights("file", handle, timeout_s=60)
         engine_out = [g[0]["token_ids"] for g in rollout.generate(prompts, 1, 0.0, 1.0, 24)]
-        resampled = rollout.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_new_tokens=24)
+        resampled = rollout.generate(prompts, n=2, temperature=T, top_p=1.0, max_new_tokens=24)
         learners.call("save_hf", str(tmp_path / "hf"), str(TINY_POLICY))
     finally:
         rollout.shutdown()
         learners.shutdown()
 
+    mismatch_kl = sum(s["mismatch_kl"] for s in stats) / sum(s["tokens"] for s in stats)
+    assert abs(mismatch_kl) < 1e-5, mismatch_kl  # ~0.05 when the learner ignores the temperature
     synced = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     original_model = AutoModelForCausalLM.from_pretrained(TINY_POLICY).eval()
     original = original_model.state_dict()
@@ -109,7 +113,7 @@ def test_weight_sync_engine_matches_learner(ray_local, tmp_path):
     def logprobs(model, prompt, completion):
         ids = torch.tensor([prompt + completion])
         with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float() / T, -1)
         return logp[len(prompt) - 1:].gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
     new_gap = old_gap = 0.0
     for prompt, group in zip(prompts, resampled):
