@@ -10,14 +10,12 @@ import time
 from contextlib import ExitStack
 
 import torch
-from transformers import AutoTokenizer
 
 from rewards import RewardPool
-from rewards.gsm8k import reference_answer
 from rl.advantages import group_advantages
 from rl.batching import padding_fraction, split_across_ranks, token_budget_microbatches
 from rl.checkpoint import CheckpointManager
-from rl.data import PromptSampler, encode_prompts, load_rows
+from rl.data import PromptSampler, load_problems
 from rl.learner import LearnerGroup
 from rl.selection import SELECTION_RULES
 from rl.tracking import Timers, Tracker, drop_records_after
@@ -26,12 +24,9 @@ from rollout.worker import RolloutGroup
 
 def run_rl_stage(ctx) -> dict:
     recipe, cfg = ctx.recipe, ctx.stage
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
-    rows = load_rows(recipe.data.train)
-    prompts = encode_prompts(tokenizer, recipe.data, rows)
-    references = [reference_answer(str(r[recipe.data.answer_key])) for r in rows]
-    total_steps = cfg.steps or max(1, len(rows) // cfg.prompts_per_step)
-    sampler = PromptSampler(len(rows), recipe.seed)
+    prompts, references = load_problems(recipe, "train")
+    total_steps = cfg.steps or max(1, len(prompts) // cfg.prompts_per_step)
+    sampler = PromptSampler(len(prompts), recipe.seed)
     ckpts = CheckpointManager(ctx.run_dir / "checkpoints" / cfg.name, cfg.checkpoint.keep_last)
     timers, sync = Timers(), cfg.rollout.weight_sync
 

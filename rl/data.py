@@ -5,6 +5,11 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+# Imported at module level on purpose: stage runners are imported in the main thread, and a first
+# import of transformers' lazy attributes from two stage threads at once fails.
+from transformers import AutoTokenizer
+
+from rewards.gsm8k import reference_answer
 
 
 def load_rows(source) -> list[dict]:
@@ -37,6 +42,14 @@ def encode_prompts(tokenizer, data_cfg, rows: list[dict]) -> list[list[int]]:
     texts = [prompt_text(tokenizer, data_cfg, row[data_cfg.question_key]) for row in rows]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [p[-data_cfg.max_prompt_tokens:] for p in ids]
+
+
+def load_problems(recipe, split: str, limit: int | None = None) -> tuple[list[list[int]], list[str]]:
+    """Prompt token ids and reference answers of the recipe's `train` or `eval` split."""
+    data = recipe.data
+    rows = load_rows(getattr(data, split))[:limit]
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    return encode_prompts(tokenizer, data, rows), [reference_answer(str(r[data.answer_key])) for r in rows]
 
 
 class PromptSampler:

@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import json
 
-from transformers import AutoTokenizer
-
 from rewards import RewardPool
-from rewards.gsm8k import reference_answer
-from rl.data import encode_prompts, load_rows
+from rl.data import load_problems
 from rollout.worker import RolloutGroup
 
 
@@ -33,10 +30,7 @@ def run_eval_stage(ctx) -> dict:
     models.update({name: art["model"] for name, art in ctx.inputs.items() if "model" in art})
     if not models:
         raise ValueError(f"eval stage '{cfg.name}' has no model to evaluate (include_base is off and no input has one)")
-    rows = load_rows(recipe.data.eval)[: cfg.limit]
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
-    prompts = encode_prompts(tokenizer, recipe.data, rows)
-    references = [reference_answer(str(r[recipe.data.answer_key])) for r in rows]
+    prompts, references = load_problems(recipe, "eval", cfg.limit)
     results = {}
     for name, path in models.items():
         results[name] = evaluate_model(path, recipe, cfg, prompts, references)
