@@ -75,15 +75,26 @@ def _stage_label(stage, index: str) -> str:
     return name if isinstance(name, str) and _STAGE_NAME.fullmatch(name) else index
 
 
+def _readable_path(parts: list[str], tree) -> list[str]:
+    """pydantic's error location as the recipe's own path: stages named rather than numbered, and
+    the tags pydantic inserts for tagged unions (a stage's `kind`, a selection `method`) left out."""
+    out, node = [], tree
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and part not in node and part in (node.get("kind"), node.get("method")):
+            continue  # a union tag, not a key of the recipe
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            out.append(_stage_label(node, part) if i == 1 and parts[0] == "stages" else part)
+            continue
+        out.append(part)
+        node = node.get(part) if isinstance(node, dict) else None
+    return out
+
+
 def _format_error(err: dict, tree: dict) -> list[str]:
     if err["type"] == "stage_graph":  # already one (path, message) per problem, see launch.schema
         return [f"{path}: {msg}" for path, msg in err["ctx"]["problems"]]
-    parts = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
-    if len(parts) >= 2 and parts[0] == "stages" and parts[1].isdigit():
-        # pydantic puts the union tag (the stage kind) after the index; name the stage instead.
-        stage = tree["stages"][int(parts[1])]
-        rest = parts[3:] if len(parts) > 2 and isinstance(stage, dict) and parts[2] == stage.get("kind") else parts[2:]
-        parts = ["stages", _stage_label(stage, parts[1]), *rest]
+    parts = _readable_path([str(p) for p in err["loc"] if not str(p).startswith("function-after")], tree)
     loc = ".".join(parts)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
@@ -91,11 +102,14 @@ def _format_error(err: dict, tree: dict) -> list[str]:
     elif err["type"] == "missing":
         msg = "required field is missing"
     elif err["type"] == "union_tag_invalid":
-        loc += "." + err["ctx"]["discriminator"].strip("'")
-        msg = f"unknown stage kind {err.get('input', {}).get('kind')!r}; expected one of {err['ctx']['expected_tags']}"
+        tag = err["ctx"]["discriminator"].strip("'")
+        loc += "." + tag
+        what = "stage kind" if tag == "kind" else tag
+        msg = f"unknown {what} {err.get('input', {}).get(tag)!r}; expected one of {err['ctx']['expected_tags']}"
     elif err["type"] == "union_tag_not_found":
-        loc += "." + err["ctx"]["discriminator"].strip("'")
-        msg = "each stage needs a `kind`"
+        tag = err["ctx"]["discriminator"].strip("'")
+        loc += "." + tag
+        msg = "each stage needs a `kind`" if tag == "kind" else f"needs a `{tag}`"
     return [f"{loc or '<recipe>'}: {msg}"]
 
 

@@ -154,6 +154,9 @@ class LearnerConfig(Strict):
     num_gpus_per_rank: float = Field(0, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
     max_tokens_per_microbatch: int = Field(8192, ge=16, description="Token budget of one micro-batch.")
+    logprob_chunk_tokens: int = Field(
+        2048, ge=1, description="Completion tokens per chunk of the output head: bounds the [tokens, vocab] "
+                                "logits held at once (each chunk is recomputed in backward).")
     gradient_checkpointing: bool = False
     optim: OptimConfig = OptimConfig()
 
@@ -201,6 +204,80 @@ class RewardConfig(Strict):
         return terms
 
 
+class AllCompletions(Strict):
+    method: Literal["all"] = Field("all", description="GRPO: train every completion with weight 1.")
+
+
+class CPPOCompletions(Strict):
+    method: Literal["cppo"] = "cppo"
+    rate: float = Field(0.875, gt=0, lt=1, description="P: fraction of completions pruned by smallest |advantage|.")
+    rule: Literal["batch", "group"] = Field(
+        "batch", description="`batch`: drop the floor(P*N) smallest |A| of the step (the authors' code); "
+                             "`group`: keep floor(G*(1-P)) largest |A| per prompt (the paper).")
+    allocation: bool = Field(
+        False, description="Dynamic completion allocation: draw prompts_per_step / (1-P) prompts per step, "
+                           "so the learner still trains prompts_per_step * G completions.")
+
+
+class DPPOCompletions(Strict):
+    method: Literal["dppo"] = "dppo"
+    rate: float = Field(0.3, ge=0, lt=1, description="Expected fraction of each group's completions pruned.")
+    max_prob: float = Field(0.9, gt=0, lt=1, description="Cap on any completion's prune probability.")
+    deterministic: bool = Field(False, description="Prune the lowest-|A| fraction exactly (biased; for comparison).")
+
+
+class NoPromptPruning(Strict):
+    method: Literal["none"] = Field("none", description="Generate for every drawn prompt.")
+
+
+class DPPOPrompts(Strict):
+    method: Literal["dppo"] = "dppo"
+    rate: float = Field(0.3, ge=0, lt=1, description="Expected fraction of previously seen prompts pruned.")
+    max_prob: float = Field(0.9, gt=0, lt=1, description="Cap on any prompt's prune probability.")
+    history_decay: float = Field(0.5, ge=0, lt=1, description="EMA weight of a prompt's past reward-std score.")
+    deterministic: bool = Field(False, description="Prune the lowest-score fraction exactly (biased; for comparison).")
+
+
+class SelectionConfig(Strict):
+    prompts: Annotated[NoPromptPruning | DPPOPrompts, Field(discriminator="method")] = NoPromptPruning()
+    completions: Annotated[AllCompletions | CPPOCompletions | DPPOCompletions,
+                           Field(discriminator="method")] = AllCompletions()
+
+    @model_validator(mode="after")
+    def _rates_under_cap(self):
+        for level in (self.prompts, self.completions):
+            if level.method == "dppo" and level.rate > level.max_prob:
+                raise ValueError(f"dppo rate ({level.rate}) must not exceed max_prob ({level.max_prob})")
+        return self
+
+
+class PackingConfig(Strict):
+    mode: Literal["padded", "dense"] = Field(
+        "padded", description="`padded`: longest-first micro-batches padded to their longest row; "
+                              "`dense`: Dense Prompt Packing, sequences concatenated padding-free.")
+    window: int = Field(16, ge=1, description="`dense`: look-ahead window of the greedy fill.")
+
+
+# `algorithm` is a preset over the axes; whatever a recipe sets in `selection`/`packing` wins.
+ALGORITHM_PRESETS: dict[str, dict] = {
+    "grpo": {"selection": {"prompts": {"method": "none"}, "completions": {"method": "all"}},
+             "packing": {"mode": "padded"}},
+    "cppo": {"selection": {"prompts": {"method": "none"}, "completions": {"method": "cppo"}},
+             "packing": {"mode": "padded"}},
+    "dppo": {"selection": {"prompts": {"method": "dppo"}, "completions": {"method": "dppo"}},
+             "packing": {"mode": "dense"}},
+}
+
+
+def _apply_preset(preset: dict, given):
+    """Recipe values over preset values; a level whose `method` the recipe changes drops the preset's."""
+    if not isinstance(given, dict):
+        return preset if given is None else given
+    if "method" in given and given["method"] != preset.get("method"):
+        return given
+    return {**preset, **{k: _apply_preset(preset[k], v) if k in preset else v for k, v in given.items()}}
+
+
 class CheckpointConfig(Strict):
     every_steps: int = Field(50, ge=1)
     keep_last: int = Field(2, ge=1)
@@ -208,16 +285,53 @@ class CheckpointConfig(Strict):
 
 class RLStage(StageBase):
     kind: Literal["rl"] = "rl"
-    algorithm: Literal["grpo"] = Field("grpo", description="Preset over the selection/packing axes.")
-    steps: int | None = Field(None, ge=1, description="RL steps; None: one pass over the train split.")
+    algorithm: Literal["grpo", "cppo", "dppo"] = Field(
+        "grpo", description="Preset over the selection and packing axes (see ALGORITHM_PRESETS); "
+                            "values set under `selection`/`packing` override it.")
+    steps: int | None = Field(
+        None, ge=1, description="RL steps; None: one pass over the train split (prompts drawn per step "
+                                "include CPPO's allocation).")
     prompts_per_step: int = Field(8, ge=1)
     group_size: int = Field(8, ge=2, description="G: completions per prompt.")
     advantage: AdvantageConfig = AdvantageConfig()
+    selection: SelectionConfig = SelectionConfig()
+    packing: PackingConfig = PackingConfig()
     loss: LossConfig = LossConfig()
     rollout: RolloutConfig = RolloutConfig()
     learner: LearnerConfig = LearnerConfig()
     rewards: RewardConfig = RewardConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_preset(cls, data):
+        if isinstance(data, dict) and data.get("algorithm", "grpo") in ALGORITHM_PRESETS:
+            preset = ALGORITHM_PRESETS[data.get("algorithm", "grpo")]
+            data = {**data, **{axis: _apply_preset(value, data.get(axis)) for axis, value in preset.items()}}
+        return data
+
+    @model_validator(mode="after")
+    def _axes_fit_together(self):
+        c = self.selection.completions
+        if c.method == "cppo":
+            kept = self.group_size * (1 - c.rate)
+            if c.rule == "group" and (kept < 1 or abs(kept - round(kept)) > 1e-6):
+                raise ValueError(
+                    f"selection.completions: rule 'group' keeps G*(1-P) = {self.group_size}*{1 - c.rate:g} = "
+                    f"{kept:g} completions per prompt; choose P so that it is a whole number >= 1")
+            drawn = self.prompts_per_step / (1 - c.rate)
+            if c.allocation and abs(drawn - round(drawn)) > 1e-6:
+                raise ValueError(
+                    f"selection.completions: allocation draws prompts_per_step/(1-P) = {self.prompts_per_step}/"
+                    f"{1 - c.rate:g} = {drawn:g} prompts per step; choose P or prompts_per_step so that it is whole")
+        if self.loss.agg == "bnpo" and "dppo" in (c.method, self.selection.prompts.method):
+            raise ValueError("loss.agg: 'bnpo' normalises each micro-batch by its own tokens, so DPPO's 1/(1-p) "
+                             "reweighting is not unbiased under it; use grpo, dr_grpo or dapo")
+        if self.rollout.top_p < 1 and self.loss.mismatch.mode != "none":
+            raise ValueError("rollout.top_p < 1 with loss.mismatch: vLLM's log-probs are renormalised over the "
+                             "nucleus while the learner scores the full softmax, so the mismatch weights would "
+                             "be biased; set top_p: 1.0 or mismatch.mode: none")
+        return self
 
 
 class EvalStage(StageBase):

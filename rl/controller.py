@@ -1,6 +1,7 @@
 """The RL stage: one controller that reads like single-process code.
 
-generate -> score -> advantages (full group) -> select -> micro-batch -> train -> sync -> log.
+draw -> prune prompts -> generate -> score -> advantages (full group) -> select completions ->
+pack -> train -> sync -> log.
 The distribution lives behind RolloutGroup (vLLM engines) and LearnerGroup (DeepSpeed ranks).
 """
 from __future__ import annotations
@@ -13,11 +14,12 @@ import torch
 
 from rewards import RewardPool
 from rl.advantages import group_advantages
-from rl.batching import padding_fraction, split_across_ranks, token_budget_microbatches
+from rl.batching import dense_microbatches, padding_fraction, split_across_ranks, token_budget_microbatches
 from rl.checkpoint import CheckpointManager
 from rl.data import PromptSampler, load_problems
-from rl.learner import LearnerGroup
-from rl.selection import SELECTION_RULES
+from rl.learner import LearnerGroup, LossNormaliser
+from rl.rows import TrainingRow
+from rl.selection import Selector
 from rl.tracking import Timers, Tracker, drop_records_after
 from rollout.worker import RolloutGroup
 
@@ -25,14 +27,15 @@ from rollout.worker import RolloutGroup
 def run_rl_stage(ctx) -> dict:
     recipe, cfg = ctx.recipe, ctx.stage
     prompts, references = load_problems(recipe, "train")
-    total_steps = cfg.steps or max(1, len(prompts) // cfg.prompts_per_step)
+    selector = Selector(cfg.selection, cfg.group_size, recipe.seed)
+    drawn = selector.prompts_per_step(cfg.prompts_per_step)  # CPPO's allocation draws more
+    total_steps = cfg.steps or max(1, len(prompts) // drawn)
     sampler = PromptSampler(len(prompts), recipe.seed)
     ckpts = CheckpointManager(ctx.run_dir / "checkpoints" / cfg.name, cfg.checkpoint.keep_last)
     timers, sync = Timers(), cfg.rollout.weight_sync
 
     with ExitStack() as cleanup:
-        learners = LearnerGroup(recipe.model.model_dump(), cfg.model_dump(mode="json"),
-                                total_steps * cfg.loss.iterations, recipe.seed)
+        learners = LearnerGroup(recipe.model, cfg, total_steps * cfg.loss.iterations, recipe.seed)
         cleanup.callback(learners.shutdown)
         start_step, engine_weights = 0, recipe.model.path
         resume_from = ckpts.latest() if ctx.resume else None
@@ -40,6 +43,7 @@ def run_rl_stage(ctx) -> dict:
             state = ckpts.state(resume_from)
             learners.call("load_checkpoint", str(resume_from / "deepspeed"), "state")
             sampler.load_state_dict(state["sampler"])
+            selector.load_state_dict(state.get("selection", {}))
             start_step, engine_weights = state["step"], str(resume_from / "hf")
             print(f"[{cfg.name}] resumed from {resume_from} (step {start_step})", flush=True)
         rollout = RolloutGroup(engine_weights, recipe.model.dtype,
@@ -59,61 +63,70 @@ def run_rl_stage(ctx) -> dict:
 
         for step in range(start_step + 1, total_steps + 1):
             with timers("step"):
-                batch = sampler.next(cfg.prompts_per_step)
+                batch = sampler.next(drawn)
+                kept_prompts, prompt_weights = selector.prune_prompts(step, batch)  # DPPO: from history
+                generated = [batch[k] for k in kept_prompts]
                 with timers("rollout"):
-                    groups = rollout.generate([prompts[i] for i in batch], G, cfg.rollout.temperature,
+                    groups = rollout.generate([prompts[i] for i in generated], G, cfg.rollout.temperature,
                                               cfg.rollout.top_p, cfg.rollout.max_new_tokens)
                 completions = [c for group in groups for c in group]
                 with timers("reward"):
                     scored = reward_pool.score([c["text"] for c in completions],
-                                               [references[i] for i in batch for _ in range(G)])
-                advantages = group_advantages(torch.tensor(scored.total), G, cfg.advantage.scale, cfg.advantage.eps)
-                chosen, weights = SELECTION_RULES[cfg.algorithm](advantages)
-                train_rows = [training_row(prompts[batch[j // G]], completions[j], advantages[j].item(),
-                                           weights[k].item(), cfg.loss.mask_truncated)
-                              for k, j in enumerate(chosen.tolist())]
+                                               [references[i] for i in generated for _ in range(G)])
+                rewards = torch.tensor(scored.total)
+                advantages = group_advantages(rewards, G, cfg.advantage.scale, cfg.advantage.eps)
+                selector.record(generated, rewards)
+                rows = [training_row(prompts[generated[j // G]], c, advantages[j].item(), cfg.loss.mask_truncated)
+                        for j, c in enumerate(completions)]
+                train_rows, chosen = selector.completions(step, rows, prompt_weights, len(batch))
                 with timers("pack"):
-                    per_rank, norm, pad_frac = plan_microbatches(train_rows, cfg.learner)
+                    per_rank, norm, pad_frac = plan_microbatches(train_rows, chosen.num_seqs, chosen.num_tokens,
+                                                                 cfg.learner, cfg.packing)
                 with timers("train"):
                     stats = learners.call("train", per_rank_args=[(mbs, norm) for mbs in per_rank])
                 with timers("weight_sync"):
                     handles = learners.call("publish_weights", sync.transport, str(ctx.stage_dir / "weights"), step)
                     rollout.load_weights(sync.transport, handles[0], sync.timeout_s)
-            tracker.log(step, step_metrics(scored, completions, train_rows, stats, pad_frac, timers.pop()))
+            tracker.log(step, step_metrics(scored, completions, train_rows, len(batch) * G,
+                                           len(batch) - len(generated), stats, pad_frac, timers.pop()))
             with batch_log.open("a") as f:
-                f.write(json.dumps({"stage": cfg.name, "step": step, "prompts": batch}) + "\n")
+                f.write(json.dumps({"stage": cfg.name, "step": step, "prompts": batch, "generated": generated}) + "\n")
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
                 with timers("checkpoint"):
-                    save_checkpoint(ckpts, learners, step, sampler, recipe.model.path)
+                    save_checkpoint(ckpts, learners, step, {"sampler": sampler.state_dict(),
+                                                            "selection": selector.state_dict()}, recipe.model.path)
 
         final = ctx.stage_dir / "model"
         learners.call("save_hf", str(final), recipe.model.path)
     return {"model": str(final), "steps": total_steps}
 
 
-def training_row(prompt_ids, completion, advantage, weight, mask_truncated) -> dict:
-    return {"prompt_ids": prompt_ids, "completion_ids": completion["token_ids"],
-            "rollout_logprobs": completion["logprobs"], "advantage": advantage, "weight": weight,
-            "masked": mask_truncated and completion["finish_reason"] == "length"}
+def training_row(prompt_ids, completion, advantage, mask_truncated) -> TrainingRow:
+    return TrainingRow(prompt_ids, completion["token_ids"], completion["logprobs"], advantage,
+                       masked=mask_truncated and completion["finish_reason"] == "length")
 
 
-def plan_microbatches(rows: list[dict], learner_cfg):
-    """Token-budget micro-batches split evenly over ranks, plus the global loss normalisers."""
-    lengths = [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows]
-    batches = token_budget_microbatches(lengths, learner_cfg.max_tokens_per_microbatch)
+def plan_microbatches(rows: list[TrainingRow], num_seqs: float, num_tokens: float, learner_cfg, packing_cfg):
+    """Token-budget micro-batches (padded, or densely packed) split evenly over ranks, with the
+    loss normaliser (selection's counts) and the padding fraction."""
+    lengths = [r.length for r in rows]
+    packed = packing_cfg.mode == "dense"
+    if packed:
+        batches = dense_microbatches(lengths, learner_cfg.max_tokens_per_microbatch, packing_cfg.window)
+    else:
+        batches = token_budget_microbatches(lengths, learner_cfg.max_tokens_per_microbatch)
     per_rank = split_across_ranks(batches, lengths, learner_cfg.ranks)
-    norm = {"num_seqs": len(rows),
-            "num_tokens": max(1, sum(len(r["completion_ids"]) for r in rows if not r["masked"])),
-            "num_microbatches": len(batches)}
-    return [[[rows[i] for i in mb] for mb in mbs] for mbs in per_rank], norm, padding_fraction(lengths, batches)
+    norm = LossNormaliser(num_seqs=max(num_seqs, 1e-9), num_tokens=max(num_tokens, 1.0), num_microbatches=len(batches))
+    return ([[[rows[i] for i in mb] for mb in mbs] for mbs in per_rank], norm,
+            padding_fraction(lengths, batches, packed=packed))
 
 
-def step_metrics(scored, completions, train_rows, stats, pad_frac, timing) -> dict[str, float]:
+def step_metrics(scored, completions, train_rows, full_batch, prompts_skipped, stats, pad_frac, timing) -> dict[str, float]:
     total = lambda key: sum(s[key] for s in stats)  # noqa: E731 - summed over ranks
     tokens = max(1.0, total("tokens"))
     rewards = torch.tensor(scored.total)
     lengths = torch.tensor([len(c["token_ids"]) for c in completions], dtype=torch.float32)
-    kept_tokens = sum(len(r["completion_ids"]) for r in train_rows)
+    kept_tokens = sum(len(r.completion_ids) for r in train_rows)
     metrics = {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
@@ -122,6 +135,7 @@ def step_metrics(scored, completions, train_rows, stats, pad_frac, timing) -> di
         "reward/timeouts": scored.timeouts, "reward/errors": scored.errors, "reward/rejected": scored.rejected,
         "response/length_mean": lengths.mean().item(),
         "response/truncated_frac": sum(c["finish_reason"] == "length" for c in completions) / len(completions),
+        "loss/total": total("loss"),
         "loss/policy": total("policy_loss"),
         "loss/kl": total("kl") / tokens,
         "train/clip_frac": total("clipped") / tokens,
@@ -129,19 +143,22 @@ def step_metrics(scored, completions, train_rows, stats, pad_frac, timing) -> di
         "train/grad_norm": stats[0]["grad_norm"],
         "train/lr": stats[0]["lr"],
         "train/tokens": tokens,
-        "select/kept_frac": len(train_rows) / len(completions),
+        "train/rows": len(train_rows),
+        "select/kept_frac": len(train_rows) / full_batch,
         "select/tokens_saved": 1.0 - kept_tokens / max(1.0, lengths.sum().item()),
+        "select/prompts_skipped": prompts_skipped,
         "pack/padding_frac": pad_frac,
         "rollout/mismatch_kl": total("mismatch_kl") / tokens,
+        "rollout/is_weight_mean": total("is_weight_mean") / tokens,
         **timing,
     }
     metrics["perf/tokens_per_s"] = lengths.sum().item() / max(timing["timing/step"], 1e-9)
     return metrics
 
 
-def save_checkpoint(ckpts: CheckpointManager, learners: LearnerGroup, step: int, sampler, tokenizer_path) -> None:
+def save_checkpoint(ckpts: CheckpointManager, learners: LearnerGroup, step: int, state: dict, tokenizer_path) -> None:
     partial = ckpts.begin(step)
     learners.call("save_checkpoint", str(partial / "deepspeed"), "state")
     learners.call("save_hf", str(partial / "hf"), tokenizer_path)
-    ckpts.commit(partial, {"step": step, "sampler": sampler.state_dict(), "time": time.time()})
+    ckpts.commit(partial, {"step": step, **state, "time": time.time()})
     print(f"[checkpoint] step {step} -> {partial.with_suffix('')}", flush=True)

@@ -61,21 +61,25 @@ def token_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Full per-token loss ℓ = s · (w · ℓ_policy + β · KL_k3) [B,T], zero on padding.
 
-    Returns it with detached per-token stats: "clipped" (bool), "ratio" and, when β > 0, "kl".
+    Returns it with detached per-token stats: "clipped" (bool), "ratio", "policy" (s · w · ℓ_policy,
+    the loss without its KL term) and, when β > 0, "kl".
     """
     if kl_coef > 0 and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp (the reference model's per-token logprobs)")
 
-    loss, is_clipped = clipped_policy_loss(logp, old_logp, advantages, eps_low, eps_high)
+    policy, is_clipped = clipped_policy_loss(logp, old_logp, advantages, eps_low, eps_high)
     stats = {"clipped": is_clipped, "ratio": torch.exp(logp - old_logp).detach()}
     if is_weights is not None:
-        loss = loss * is_weights.detach()
+        policy = policy * is_weights.detach()
+    loss = policy
     if kl_coef > 0:
         kl = k3_kl(logp, ref_logp)
         loss = loss + kl_coef * kl
         stats["kl"] = kl.detach()
     if seq_weights is not None:
         loss = loss * seq_weights.detach().unsqueeze(-1)
+        policy = policy * seq_weights.detach().unsqueeze(-1)
     # where, not multiply: keeps the value finite even if padding holds non-finite logprobs.
-    loss = torch.where(mask.bool(), loss, torch.zeros_like(loss))
-    return loss, stats
+    zero = torch.zeros_like(loss)
+    stats["policy"] = torch.where(mask.bool(), policy.detach(), zero)
+    return torch.where(mask.bool(), loss, zero), stats

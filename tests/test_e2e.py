@@ -17,9 +17,9 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 PRUNERL = [sys.executable, "-m", "launch"]
 REQUIRED_METRICS = ["reward/mean", "reward/std", "reward/accuracy", "reward/gsm8k_accuracy",
-                    "response/length_mean", "response/truncated_frac", "loss/policy", "loss/kl",
+                    "response/length_mean", "response/truncated_frac", "loss/total", "loss/policy", "loss/kl",
                     "train/clip_frac", "train/entropy", "train/grad_norm", "train/lr", "select/kept_frac",
-                    "select/tokens_saved", "pack/padding_frac", "timing/rollout", "timing/train",
+                    "select/tokens_saved", "select/prompts_skipped", "pack/padding_frac", "timing/rollout", "timing/train",
                     "timing/weight_sync", "timing/step", "perf/tokens_per_s", "rollout/mismatch_kl"]
 
 
@@ -64,14 +64,30 @@ def test_quickstart_short(tmp_path):
     assert "stage 'train' already done" in again.stdout and "stage 'eval' already done" in again.stdout
 
 
+def test_cppo_quickstart_trains_the_largest_advantages(tmp_path):
+    run_dir = tmp_path / "cppo"
+    out = run_cli("run", "recipes/cppo_quickstart.yaml", "stages.train.steps=2", "stages.eval.include_base=false",
+                  "stages.eval.limit=8", "--run-dir", str(run_dir))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for m in records(run_dir / "metrics.jsonl"):
+        # 16 prompts x G 8 = 128 completions; P = 0.875 drops floor(112) of them.
+        assert m["train/rows"] == 16 and m["select/kept_frac"] == 0.125
+        assert 0.5 < m["select/tokens_saved"] < 1 and m["train/grad_norm"] > 0
+
+
+# DPPO with a 16-prompt train split (2 steps per epoch), so that steps 3 and 4 prune prompts from the
+# history of steps 1 and 2, which the resumed run must read back from the checkpoint.
+DPPO_RESUME = ["stages.train.algorithm=dppo", "data.train.limit=16", "stages.train.selection.prompts.rate=0.7"]
+
+
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     recipe = "tests/recipes/tiny_rl.yaml"
     straight = tmp_path / "straight"
-    out = run_cli("run", recipe, "--run-dir", str(straight))
+    out = run_cli("run", recipe, *DPPO_RESUME, "--run-dir", str(straight))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen([*PRUNERL, "run", recipe, "--run-dir", str(crashed)], cwd=REPO,
+    proc = subprocess.Popen([*PRUNERL, "run", recipe, *DPPO_RESUME, "--run-dir", str(crashed)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = crashed / "checkpoints" / "train" / "latest"
     deadline = time.time() + 400
@@ -83,14 +99,16 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     proc.wait()
     assert json.loads((crashed / "train" / "status.json").read_text())["state"] == "running"
 
-    resumed = run_cli("run", recipe, "--run-dir", str(crashed), "--resume")
+    resumed = run_cli("run", recipe, *DPPO_RESUME, "--run-dir", str(crashed), "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "(step 2)" in resumed.stdout
 
     def order(run):
-        return [(r["step"], r["prompts"]) for r in records(run / "train" / "batches.jsonl")]
+        return [(r["step"], r["prompts"], r["generated"]) for r in records(run / "train" / "batches.jsonl")]
     assert [m["step"] for m in records(crashed / "metrics.jsonl")] == [1, 2, 3, 4]
     assert order(crashed) == order(straight)
+    skipped = [m["select/prompts_skipped"] for m in records(straight / "metrics.jsonl")]
+    assert skipped[:2] == [0, 0] and sum(skipped[2:]) > 0, skipped  # only prompts with history are pruned
     lrs = lambda run: [m["train/lr"] for m in records(run / "metrics.jsonl")]  # noqa: E731
     assert lrs(crashed) == pytest.approx(lrs(straight)), "scheduler state was not restored"
 

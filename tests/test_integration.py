@@ -4,13 +4,19 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_POLICY
-from launch.schema import RLStage
+from launch.schema import ModelConfig, RLStage
 from rl.controller import plan_microbatches
 from rl.learner import LearnerGroup
+from rl.rows import TrainingRow
 from rollout.worker import RolloutGroup
 
 pytestmark = pytest.mark.slow
-MODEL = {"path": str(TINY_POLICY), "dtype": "float32", "trust_remote_code": False}
+MODEL = ModelConfig(path=str(TINY_POLICY), dtype="float32")
+
+
+def plan(rows: list[TrainingRow], cfg: RLStage):
+    """Micro-batches for every row with weight 1 (GRPO's selection)."""
+    return plan_microbatches(rows, len(rows), sum(r.loss_tokens for r in rows), cfg.learner, cfg.packing)
 
 
 def stage_cfg(**learner) -> RLStage:
@@ -19,22 +25,21 @@ def stage_cfg(**learner) -> RLStage:
     return cfg
 
 
-def fixed_rows(tokenizer, n=12) -> list[dict]:
+def fixed_rows(tokenizer, n=12) -> list[TrainingRow]:
     """Rows of varied length with nonzero advantages, independent of any sampling."""
     gen = torch.Generator().manual_seed(0)
     rows = []
     for i in range(n):
         prompt = tokenizer(f"Question: Tom has {i + 2} apples and buys {i + 3} more.\nAnswer:")["input_ids"]
         completion = torch.randint(5, tokenizer.vocab_size, (3 + (i * 7) % 17,), generator=gen).tolist()
-        rows.append({"prompt_ids": prompt, "completion_ids": completion, "rollout_logprobs": None,
-                     "advantage": float(torch.randn(1, generator=gen)), "weight": 1.0, "masked": False})
+        rows.append(TrainingRow(prompt, completion, None, float(torch.randn(1, generator=gen))))
     return rows
 
 
 def train_once(rows, cfg: RLStage) -> dict[str, torch.Tensor]:
-    group = LearnerGroup(MODEL, cfg.model_dump(mode="json"), total_optimizer_steps=1, seed=0)
+    group = LearnerGroup(MODEL, cfg, total_optimizer_steps=1, seed=0)
     try:
-        per_rank, norm, _ = plan_microbatches(rows, cfg.learner)
+        per_rank, norm, _ = plan(rows, cfg)
         stats = group.call("train", per_rank_args=[(mbs, norm) for mbs in per_rank])
         assert all(s["tokens"] >= 0 for s in stats)
         return group.call("full_state_dict")[0]
@@ -56,7 +61,7 @@ def test_update_independent_of_ranks_and_microbatching(ray_local, agg, zero_stag
         # With a large Adam epsilon the first step is ~ -lr * grad, so equal updates mean equal
         # gradients (with eps=1e-8 it would be ~ -lr * sign(grad), which amplifies float noise).
         cfg.learner.optim.lr, cfg.learner.optim.eps, cfg.learner.optim.grad_clip = 1.0, 1.0, 0.0
-    per_rank, _, _ = plan_microbatches(rows, split.learner)
+    per_rank, _, _ = plan(rows, split)
     assert len(per_rank[0]) >= 3, "the split run should accumulate over several micro-batches"
 
     one = train_once(rows, base)
@@ -84,14 +89,13 @@ def test_weight_sync_engine_matches_learner(ray_local, tmp_path):
                ["input_ids"] for n in (3, 11, 25)]
     rollout = RolloutGroup(str(TINY_POLICY), "float32", 256, seed=0, engines=1, num_cpus=1, num_gpus=0,
                            cpu_kvcache_gib=1)
-    learners = LearnerGroup(MODEL, cfg.model_dump(mode="json"), total_optimizer_steps=1, seed=0)
+    learners = LearnerGroup(MODEL, cfg, total_optimizer_steps=1, seed=0)
     try:
         sampled = rollout.generate(prompts, n=4, temperature=T, top_p=1.0, max_new_tokens=24)
-        rows = [{"prompt_ids": p, "completion_ids": c["token_ids"], "rollout_logprobs": c["logprobs"],
-                 "advantage": 1.0 if k % 2 else -1.0, "weight": 1.0, "masked": False}
+        rows = [TrainingRow(p, c["token_ids"], c["logprobs"], 1.0 if k % 2 else -1.0)
                 for p, group in zip(prompts, sampled) for k, c in enumerate(group)]
         assert all(len(c["logprobs"]) == len(c["token_ids"]) for g in sampled for c in g)
-        per_rank, norm, _ = plan_microbatches(rows, cfg.learner)
+        per_rank, norm, _ = plan(rows, cfg)
         stats = learners.call("train", per_rank_args=[(mbs, norm) for mbs in per_rank])
         handle = learners.call("publish_weights", "file", str(tmp_path / "sync"), 1)[0]
         rollout.load_weights("file", handle, timeout_s=60)
@@ -142,11 +146,10 @@ def rewarded_answer_gains_likelihood(learner: dict, loss: dict | None = None) ->
                for n in (6, 7, 8, 9)}
     cfg = RLStage(name="train", learner=learner, loss=loss or {})
     cfg.learner.optim.lr = 1e-4
-    rows = [{"prompt_ids": prompt, "completion_ids": ids, "rollout_logprobs": None,
-             "advantage": 1.5 if n == 8 else -0.5, "weight": 1.0, "masked": False} for n, ids in answers.items()]
-    group = LearnerGroup(MODEL, cfg.model_dump(mode="json"), total_optimizer_steps=1, seed=0)
+    rows = [TrainingRow(prompt, ids, None, 1.5 if n == 8 else -0.5) for n, ids in answers.items()]
+    group = LearnerGroup(MODEL, cfg, total_optimizer_steps=1, seed=0)
     try:
-        per_rank, norm, _ = plan_microbatches(rows, cfg.learner)
+        per_rank, norm, _ = plan(rows, cfg)
         stats = group.call("train", per_rank_args=[(mbs, norm) for mbs in per_rank])
         state = group.call("full_state_dict")[0]
     finally:
@@ -175,6 +178,15 @@ def test_update_raises_likelihood_of_rewarded_completion(ray_local, zero_stage):
 
 def test_reference_kl_and_two_iterations(ray_local):
     """kl_coef > 0 loads a reference model; with mu = 2 the second pass is off-policy, so the
-    k3 KL to the reference is positive (it is exactly 0 on the first pass)."""
+    k3 KL to the reference is positive (it is exactly 0 on the first pass), and the total loss
+    exceeds the policy term by the KL term."""
     stats = rewarded_answer_gains_likelihood({"ranks": 1}, {"kl_coef": 0.04, "iterations": 2})
     assert stats["kl"] > 0 and stats["grad_norm"] > 0
+    assert stats["loss"] > stats["policy_loss"]
+
+
+def test_tokens_without_engine_logprobs_get_mismatch_ratio_one(ray_local):
+    """Rows without rollout log-probs under masked IS: their ratio must be 1 (kept), not
+    exp(logπ_old − 0) ≈ 0 (masked out, which would leave no policy gradient at all)."""
+    stats = rewarded_answer_gains_likelihood({"ranks": 1}, {"mismatch": {"mode": "mis", "c_min": 0.5}})
+    assert stats["is_weight_mean"] == pytest.approx(stats["tokens"])  # summed per token: weight 1 each
