@@ -9,10 +9,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from launch.schema import NAME_PATTERN, Recipe
+from launch.schema import (NAME_PATTERN, STAGE_TYPES, AllCompletions, CPPOCompletions, DPPOCompletions,
+                           DPPOPrompts, NoPromptPruning, Recipe)
 
 
 _STAGE_NAME = re.compile(NAME_PATTERN)
+# The tags pydantic puts into error locations for tagged unions: stage kinds and selection methods.
+_UNION_TAGS = ({cls.model_fields["kind"].default for cls in STAGE_TYPES}
+               | {cls.model_fields["method"].default
+                  for cls in (AllCompletions, CPPOCompletions, DPPOCompletions, NoPromptPruning, DPPOPrompts)})
 
 
 class RecipeError(Exception):
@@ -80,7 +85,7 @@ def _readable_path(parts: list[str], tree) -> list[str]:
     the tags pydantic inserts for tagged unions (a stage's `kind`, a selection `method`) left out."""
     out, node = [], tree
     for i, part in enumerate(parts):
-        if isinstance(node, dict) and part not in node and part in (node.get("kind"), node.get("method")):
+        if part in _UNION_TAGS and not (isinstance(node, dict) and part in node):
             continue  # a union tag, not a key of the recipe
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]

@@ -294,8 +294,11 @@ class RLStage(StageBase):
     prompts_per_step: int = Field(8, ge=1)
     group_size: int = Field(8, ge=2, description="G: completions per prompt.")
     advantage: AdvantageConfig = AdvantageConfig()
-    selection: SelectionConfig = SelectionConfig()
-    packing: PackingConfig = PackingConfig()
+    selection: SelectionConfig = Field(
+        SelectionConfig(), description="Which prompts are generated and which completions trained; "
+                                       "defaults come from `algorithm` (grpo: all, cppo: cppo, dppo: dppo at both levels).")
+    packing: PackingConfig = Field(
+        PackingConfig(), description="How trained rows fill micro-batches; defaults come from `algorithm` (dppo: dense).")
     loss: LossConfig = LossConfig()
     rollout: RolloutConfig = RolloutConfig()
     learner: LearnerConfig = LearnerConfig()

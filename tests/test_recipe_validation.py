@@ -152,6 +152,26 @@ SCHEMA_CASES = {
                                       [("stages.train.needs", "unknown stage 'x'"),
                                        ("stages.eval.needs", "unknown stage 'y'")]),
     "template without {question}": (recipe_tree(("data.template", "Q: {q}")), [("data.template", "{question}")]),
+    "unknown selection method": (recipe_tree(("stages.0.selection", {"completions": {"method": "topk"}})),
+                                 [("stages.train.selection.completions.method",
+                                   "unknown method 'topk'; expected one of 'all', 'cppo', 'dppo'")]),
+    "cppo option under grpo": (recipe_tree(("stages.0.selection", {"completions": {"rate": 0.5}})),
+                               [("stages.train.selection.completions.rate", "unknown key")]),
+    "cppo rate 1": (recipe_tree(("stages.0.algorithm", "cppo"), ("stages.0.selection", {"completions": {"rate": 1.0}})),
+                    [("stages.train.selection.completions.rate", "less than 1")]),
+    "cppo group rule with a fractional group": (
+        recipe_tree(("stages.0.algorithm", "cppo"), ("stages.0.group_size", 6),
+                    ("stages.0.selection", {"completions": {"rate": 0.75, "rule": "group"}})),
+        [("stages.train", "G*(1-P) = 6*0.25 = 1.5 completions per prompt")]),
+    "dppo rate over its cap": (
+        recipe_tree(("stages.0.algorithm", "dppo"), ("stages.0.selection", {"prompts": {"rate": 0.8, "max_prob": 0.7}})),
+        [("stages.train.selection", "dppo rate (0.8) must not exceed max_prob (0.7)")]),
+    "dppo with bnpo": (recipe_tree(("stages.0.algorithm", "dppo"), ("stages.0.loss.agg", "bnpo")),
+                       [("stages.train", "'bnpo' normalises each micro-batch")]),
+    "top_p with mismatch correction": (
+        recipe_tree(("stages.0.rollout.top_p", 0.9), ("stages.0.loss.mismatch", {"mode": "tis"})),
+        [("stages.train", "rollout.top_p < 1 with loss.mismatch")]),
+    "bad packing mode": (recipe_tree(("stages.0.packing.mode", "tight")), [("stages.train.packing.mode", "'dense'")]),
     "mismatch c_min >= c_max": (recipe_tree(("stages.0.loss.mismatch", {"mode": "tis", "c_min": 2.0, "c_max": 2.0})),
                                 [("stages.train.loss.mismatch", "c_min (2.0) must be below c_max (2.0)")]),
     "several problems, one line each": (
