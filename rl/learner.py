@@ -20,6 +20,7 @@ from rl.mismatch import mismatch_weights
 from rl.optim import build_optimizer
 from rl.policy_loss import token_loss
 from rl.rows import TrainingRow
+from rl.varlen_attention import VARLEN
 
 STAT_KEYS = ("tokens", "clipped", "entropy", "kl", "loss", "policy_loss", "mismatch_kl", "is_weight_mean")
 
@@ -47,11 +48,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def load_policy(model_cfg, device: torch.device):
+def load_policy(model_cfg, device: torch.device, packed: bool):
+    """The policy (or reference) for learner passes; packed micro-batches run attention per sequence."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=getattr(torch, model_cfg.dtype),
-                                                 trust_remote_code=model_cfg.trust_remote_code)
+                                                 trust_remote_code=model_cfg.trust_remote_code,
+                                                 **({"attn_implementation": VARLEN} if packed else {}))
     disable_dropout(model)
     return model.to(device)
 
@@ -77,7 +80,7 @@ class LearnerWorker:
         self.device = torch.device("cuda" if self.learner.num_gpus_per_rank > 0 else "cpu")
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False)
-        model = load_policy(model_cfg, torch.device("cpu"))
+        model = load_policy(model_cfg, torch.device("cpu"), self.packed)
         if self.learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -87,10 +90,10 @@ class LearnerWorker:
                                                     config=ds_config)
         self.ref_model = None
         if self.loss.kl_coef > 0:
-            self.ref_model = load_policy(model_cfg, self.device).eval().requires_grad_(False)
+            self.ref_model = load_policy(model_cfg, self.device, self.packed).eval().requires_grad_(False)
 
     def _logprobs(self, batch, model=None, with_entropy: bool = False):
-        return completion_logprobs(model if model is not None else self.engine.module, batch, self.temperature,
+        return completion_logprobs(model if model is not None else self.engine, batch, self.temperature,
                                    self.learner.logprob_chunk_tokens, with_entropy=with_entropy)
 
     @torch.no_grad()
@@ -108,7 +111,7 @@ class LearnerWorker:
         batches = [collate(mb or [pad_row], self.pad_id, self.packed).to(self.device) for mb in microbatches]
         cfg, mm, counts = self.loss, self.loss.mismatch, asdict(norm)
         ref = self._frozen_logprobs(self.ref_model, batches) if self.ref_model is not None else [None] * len(batches)
-        old = self._frozen_logprobs(self.engine.module, batches) if cfg.iterations > 1 else [None] * len(batches)
+        old = self._frozen_logprobs(self.engine, batches) if cfg.iterations > 1 else [None] * len(batches)
         sums = dict.fromkeys(STAT_KEYS, 0.0)
         grad_norms, lrs = [], []
         self.engine.train()

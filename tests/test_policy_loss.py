@@ -71,9 +71,20 @@ def test_token_loss_without_kl_and_errors():
     logp, old = torch.zeros(1, 2), torch.zeros(1, 2)
     loss, stats = token_loss(logp, old, torch.tensor([3.0]), torch.ones(1, 2), eps_low=0.2, eps_high=0.2)
     torch.testing.assert_close(loss, torch.full((1, 2), -3.0))
-    assert set(stats) == {"clipped", "ratio"}
+    assert set(stats) == {"clipped", "ratio", "policy"}
+    torch.testing.assert_close(stats["policy"], loss)  # no KL term: the policy part is the whole loss
     with pytest.raises(ValueError, match="ref_logp"):
         token_loss(logp, old, torch.tensor([3.0]), torch.ones(1, 2), eps_low=0.2, eps_high=0.2, kl_coef=0.1)
+
+
+def test_policy_stat_is_the_loss_without_its_kl_term():
+    logp, old, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    mask, w = torch.tensor([[1.0, 1.0]]), torch.tensor([0.5])
+    loss, stats = token_loss(logp, old, torch.tensor([2.0]), mask, eps_low=0.2, eps_high=0.2, kl_coef=0.1,
+                             ref_logp=ref, seq_weights=w)
+    torch.testing.assert_close(stats["policy"], torch.full((1, 2), -1.0))  # 0.5 · −(1 · 2)
+    torch.testing.assert_close(loss - stats["policy"], 0.5 * 0.1 * stats["kl"])
+    assert (stats["kl"] > 0).all()
 
 
 def test_token_loss_padding_stays_finite():
