@@ -55,8 +55,8 @@ class Selector:
         probs = self.history.probabilities(prompt_ids, p.rate, p.max_prob)
         kept, weights = sample_kept(probs, self._generator(step, 0), p.deterministic)
         if not kept.any():  # a step needs something to train on: keep the least likely pruned one
-            kept[int(torch.argmin(probs))] = True
-            weights[int(torch.argmin(probs))] = 1.0
+            least = int(torch.argmin(probs))
+            kept[least], weights[least] = True, 1.0
         positions = kept.nonzero().flatten().tolist()
         return positions, weights[positions].float()
 
