@@ -55,12 +55,29 @@ class DataConfig(Strict):
 
 # ---------------------------------------------------------------- cluster and logging
 
+class LivenessConfig(Strict):
+    """How long the driver waits on workers before it reports them stuck or dead."""
+    startup_timeout_s: float = Field(
+        600, gt=0, description="Actors placed and ready, including waiting for resources.")
+    call_timeout_s: float = Field(
+        1800, gt=0, description="Any single worker call: generate, train, checkpoint.")
+    probe_interval_s: float = Field(5, gt=0, description="Health checks of workers while waiting.")
+
+
 class ClusterConfig(Strict):
     address: str | None = Field(
         None, description="Ray address; None uses RAY_ADDRESS or starts a local Ray.")
     num_cpus: int | None = Field(
         None, ge=1, description="Logical CPUs of a local Ray (None: the machine's).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray (None: detected).")
+    run_root: str | None = Field(
+        None, description="Folder under which runs are created as `<run_root>/<name>-<timestamp>`; None: the "
+                          "PRUNERL_RUN_ROOT environment variable, else `./runs` (when the working dir is inside "
+                          "Ray's temp dir, as for `ray job submit --working-dir`, `~/prunerl-runs`).")
+    max_restarts: int = Field(
+        1, ge=0, description="Times a run restarts its workers and continues from the last checkpoint after "
+                             "a worker failure before it stops.")
+    liveness: LivenessConfig = LivenessConfig()
 
 
 class WandbConfig(Strict):
@@ -158,6 +175,9 @@ class LearnerConfig(Strict):
         2048, ge=1, description="Completion tokens per chunk of the output head: bounds the [tokens, vocab] "
                                 "logits held at once (each chunk is recomputed in backward).")
     gradient_checkpointing: bool = False
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A step whose loss or gradient norm is not finite: stop the run with an error, "
+                            "or skip that optimizer update and go on.")
     optim: OptimConfig = OptimConfig()
 
 
@@ -193,6 +213,9 @@ class RewardConfig(Strict):
         default_factory=lambda: [RewardTerm(verifier="gsm8k_accuracy")], min_length=1)
     workers: int = Field(2, ge=1, description="Reward processes.")
     timeout_s: float = Field(5.0, gt=0, description="Per-completion scoring limit; over it scores 0.")
+    max_chars: int | None = Field(
+        None, ge=1, description="Completions longer than this score 0 without being scored; None: derived "
+                                "from rollout.max_new_tokens.")
 
     @field_validator("terms")
     @classmethod
