@@ -17,7 +17,8 @@ from rl.advantages import group_advantages
 from rl.batching import dense_microbatches, padding_fraction, split_across_ranks, token_budget_microbatches
 from rl.checkpoint import CheckpointManager
 from rl.data import PromptSampler, load_problems
-from rl.learner import LearnerGroup, LossNormaliser
+from rl.learner import LossNormaliser
+from rl.learner_group import LearnerGroup
 from rl.rows import TrainingRow
 from rl.selection import Selector
 from rl.tracking import Timers, Tracker, drop_records_after

@@ -1,4 +1,7 @@
-"""DeepSpeed learner ranks as Ray actors: log-prob passes, the GRPO update, checkpoints, weight export.
+"""One DeepSpeed learner rank: log-prob passes, the GRPO update, checkpoints, weight export.
+
+This module imports neither Ray nor vLLM, so the learner step runs on a bare CUDA machine
+(bench/gpu_learner.py); rl/learner_group.py places the ranks as Ray actors.
 
 The pieces it runs are elsewhere: micro-batch tensors in rl/collate.py, the memory-bounded
 log-prob head in rl/logprobs.py, the loss in rl/policy_loss.py + rl/aggregation.py, the optimizer
@@ -10,7 +13,6 @@ import os
 import socket
 from dataclasses import asdict, dataclass
 
-import ray
 import torch
 
 from rl.aggregation import aggregate
@@ -42,10 +44,10 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]
 
 
 def load_policy(model_cfg, device: torch.device, packed: bool):
@@ -64,7 +66,10 @@ class LearnerWorker:
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port: rank 0's become the process group's rendezvous."""
-        return ray.util.get_node_ip_address(), free_port()
+        import ray
+
+        address = ray.util.get_node_ip_address()
+        return address, free_port(address)
 
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, model_cfg, stage,
               total_optimizer_steps: int, seed: int) -> None:
@@ -189,50 +194,3 @@ class LearnerWorker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-class LearnerGroup:
-    """M ranks in a placement group; every call fans out to all ranks and waits for them."""
-
-    def __init__(self, model_cfg, stage, total_optimizer_steps: int, seed: int):
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        learner = stage.learner
-        world = learner.ranks
-        bundle = {"CPU": learner.num_cpus_per_rank}
-        if learner.num_gpus_per_rank:
-            bundle["GPU"] = learner.num_gpus_per_rank
-        self.pg = placement_group([bundle] * world, strategy="PACK")
-        ray.get(self.pg.ready())
-        env = {"TOKENIZERS_PARALLELISM": "false"}
-        if not learner.num_gpus_per_rank:
-            env["DS_ACCELERATOR"] = "cpu"
-        actor = ray.remote(LearnerWorker)
-        self.workers = [
-            actor.options(num_cpus=learner.num_cpus_per_rank, num_gpus=learner.num_gpus_per_rank,
-                          runtime_env={"env_vars": env},
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(
-                              placement_group=self.pg, placement_group_bundle_index=r)
-                          ).remote()
-            for r in range(world)]
-        addr, port = ray.get(self.workers[0].rendezvous.remote())
-        self.call("setup", per_rank_args=[(r, world, addr, port, model_cfg, stage, total_optimizer_steps, seed)
-                                          for r in range(world)])
-
-    def call(self, method: str, *args, per_rank_args: list | None = None):
-        if per_rank_args is not None:
-            refs = [getattr(w, method).remote(*a) for w, a in zip(self.workers, per_rank_args)]
-        else:
-            refs = [getattr(w, method).remote(*args) for w in self.workers]
-        return ray.get(refs)
-
-    def shutdown(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-
-        try:
-            ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
-        finally:
-            for w in self.workers:
-                ray.kill(w)
-            remove_placement_group(self.pg)

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import TINY_POLICY
 from launch.schema import ModelConfig, RLStage
 from rl.controller import plan_microbatches
-from rl.learner import LearnerGroup
+from rl.learner_group import LearnerGroup
 from rl.rows import TrainingRow
 from rollout.worker import RolloutGroup
 

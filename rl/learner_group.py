@@ -1,0 +1,53 @@
+"""The learner ranks as Ray actors in one placement group; every call fans out to all ranks."""
+from __future__ import annotations
+
+import ray
+
+from rl.learner import LearnerWorker
+
+
+class LearnerGroup:
+    """M ranks in a placement group; every call fans out to all ranks and waits for them."""
+
+    def __init__(self, model_cfg, stage, total_optimizer_steps: int, seed: int):
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        learner = stage.learner
+        world = learner.ranks
+        bundle = {"CPU": learner.num_cpus_per_rank}
+        if learner.num_gpus_per_rank:
+            bundle["GPU"] = learner.num_gpus_per_rank
+        self.pg = placement_group([bundle] * world, strategy="PACK")
+        ray.get(self.pg.ready())
+        env = {"TOKENIZERS_PARALLELISM": "false"}
+        if not learner.num_gpus_per_rank:
+            env["DS_ACCELERATOR"] = "cpu"
+        actor = ray.remote(LearnerWorker)
+        self.workers = [
+            actor.options(num_cpus=learner.num_cpus_per_rank, num_gpus=learner.num_gpus_per_rank,
+                          runtime_env={"env_vars": env},
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(
+                              placement_group=self.pg, placement_group_bundle_index=r)
+                          ).remote()
+            for r in range(world)]
+        addr, port = ray.get(self.workers[0].rendezvous.remote())
+        self.call("setup", per_rank_args=[(r, world, addr, port, model_cfg, stage, total_optimizer_steps, seed)
+                                          for r in range(world)])
+
+    def call(self, method: str, *args, per_rank_args: list | None = None):
+        if per_rank_args is not None:
+            refs = [getattr(w, method).remote(*a) for w, a in zip(self.workers, per_rank_args)]
+        else:
+            refs = [getattr(w, method).remote(*args) for w in self.workers]
+        return ray.get(refs)
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
+        finally:
+            for w in self.workers:
+                ray.kill(w)
+            remove_placement_group(self.pg)
