@@ -2,18 +2,22 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
 
-from launch.schema import (NAME_PATTERN, STAGE_TYPES, AllCompletions, CPPOCompletions, DPPOCompletions,
-                           DPPOPrompts, NoPromptPruning, Recipe)
+from launch.schema import (STAGE_TYPES, AllCompletions, CPPOCompletions, DPPOCompletions, DPPOPrompts,
+                           NoPromptPruning, Recipe, clip, name_problem)
 
 
-_STAGE_NAME = re.compile(NAME_PATTERN)
+MAX_DEPTH = 32  # levels of nesting a recipe may have (the schema needs 7)
+MAX_PROBLEMS = 20  # lines an error report shows; the rest are counted
+MAX_LINE = 500  # characters of one reported line
 # The tags pydantic puts into error locations for tagged unions: stage kinds and selection methods.
 _UNION_TAGS = ({cls.model_fields["kind"].default for cls in STAGE_TYPES}
                | {cls.model_fields["method"].default
@@ -21,11 +25,88 @@ _UNION_TAGS = ({cls.model_fields["kind"].default for cls in STAGE_TYPES}
 
 
 class RecipeError(Exception):
-    """A recipe that cannot run; `problems` holds one line per problem, each naming a field path."""
+    """A recipe that cannot run; `problems` holds one line per problem, each naming a field path.
+
+    At most MAX_PROBLEMS lines are kept, then one "... and N more problems" line.
+    """
 
     def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
+        shown = [clip(line, MAX_LINE) for line in problems[:MAX_PROBLEMS]]
+        if len(problems) > MAX_PROBLEMS:
+            more = len(problems) - MAX_PROBLEMS
+            shown.append(f"... and {more} more problem{'s' if more > 1 else ''}")
+        super().__init__("\n".join(shown))
+        self.problems = shown
+
+
+class _TooDeep(Exception):
+    def __init__(self, mark):
+        self.mark = mark
+
+
+if yaml.__with_libyaml__:  # libyaml's scanner and parser (4x faster), PyYAML's composer and safe constructor
+    class _SafeLoader(Composer, yaml.cyaml.CParser, SafeConstructor, Resolver):
+        def __init__(self, stream):
+            yaml.cyaml.CParser.__init__(self, stream)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+else:
+    _SafeLoader = yaml.SafeLoader
+
+
+class _RecipeLoader(_SafeLoader):
+    """A safe loader that stops at MAX_DEPTH levels: PyYAML composes nodes recursively, so a deeply
+    nested document would otherwise end in a RecursionError thousands of lines long."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _load_yaml(text: str) -> Any:
+    loader = _RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _depth(tree) -> int | None:
+    """Levels of nesting of a loaded recipe (a scalar is one level), or None when a YAML alias makes
+    it contain itself. Iterative, and each shared (aliased) node is measured once."""
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()  # nodes whose children are being measured: the current path
+    stack = [(tree, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        children = node.values() if isinstance(node, dict) else node
+        if children_done:
+            open_nodes.discard(id(node))
+            depth[id(node)] = 1 + max((depth.get(id(c), 1) for c in children), default=0)
+        elif id(node) in open_nodes:
+            return None
+        elif id(node) not in depth:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children)
+    return depth.get(id(tree), 1)
+
+
+def _echo(value) -> str:
+    """A user's value quoted for an error message, cut short."""
+    return repr(clip(value)) if isinstance(value, str) else clip(repr(value))
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -37,7 +118,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         else:
             node = node.setdefault(key, {})
         if not isinstance(node, (dict, list)):
-            raise RecipeError([f"{dotted}: '{'.'.join(parts[:i + 1])}' is a value, not a section"])
+            raise RecipeError([f"{clip(dotted)}: {clip('.'.join(parts[:i + 1]))!r} is a value, not a section"])
     last = parts[-1]
     if isinstance(node, list):
         idx = node.index(_list_item(node, last, dotted))
@@ -53,7 +134,7 @@ def _list_item(items: list, key: str, where: str):
     for item in items:
         if isinstance(item, dict) and item.get("name") == key:
             return item
-    raise RecipeError([f"{where}: no list item named or numbered '{key}'"])
+    raise RecipeError([f"{clip(where)}: no list item named or numbered {_echo(key)}"])
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -62,13 +143,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            problems.append(f"{item}: overrides look like key.path=value")
+            problems.append(f"{clip(item)}: overrides look like key.path=value")
             continue
         try:
-            parsed.append((key, yaml.safe_load(raw) if raw else ""))
+            parsed.append((key, _load_yaml(raw) if raw else ""))
         except yaml.YAMLError as e:
-            problems.append(f"{key}: override value {raw!r} is not valid YAML "
+            problems.append(f"{clip(key)}: override value {_echo(raw)} is not valid YAML "
                             f"({getattr(e, 'problem', e)}); quote it to pass a string")
+        except _TooDeep:
+            problems.append(f"{clip(key)}: override value is nested deeper than {MAX_DEPTH} levels")
     if problems:
         raise RecipeError(problems)
     return parsed
@@ -77,7 +160,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def _stage_label(stage, index: str) -> str:
     """A stage is named in error paths by its name when it has a usable one, else by its index."""
     name = stage.get("name") if isinstance(stage, dict) else None
-    return name if isinstance(name, str) and _STAGE_NAME.fullmatch(name) else index
+    return name if isinstance(name, str) and name_problem(name, stage=True) is None else index
 
 
 def _readable_path(parts: list[str], tree) -> list[str]:
@@ -91,7 +174,7 @@ def _readable_path(parts: list[str], tree) -> list[str]:
             node = node[int(part)]
             out.append(_stage_label(node, part) if i == 1 and parts[0] == "stages" else part)
             continue
-        out.append(part)
+        out.append(clip(part, 40))
         node = node.get(part) if isinstance(node, dict) else None
     return out
 
@@ -110,7 +193,7 @@ def _format_error(err: dict, tree: dict) -> list[str]:
         tag = err["ctx"]["discriminator"].strip("'")
         loc += "." + tag
         what = "stage kind" if tag == "kind" else tag
-        msg = f"unknown {what} {err.get('input', {}).get(tag)!r}; expected one of {err['ctx']['expected_tags']}"
+        msg = f"unknown {what} {_echo(err.get('input', {}).get(tag))}; expected one of {err['ctx']['expected_tags']}"
     elif err["type"] == "union_tag_not_found":
         tag = err["ctx"]["discriminator"].strip("'")
         loc += "." + tag
@@ -128,11 +211,15 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError([f"{path}: cannot read the recipe: {e}"]) from None
     try:
-        tree = yaml.safe_load(text)
+        tree = _load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise RecipeError([f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
+    except _TooDeep as e:
+        raise RecipeError([f"{path}: nested deeper than {MAX_DEPTH} levels (line {e.mark.line + 1})"]) from None
+    except RecursionError:  # not expected with the depth limit above; never print the traceback
+        raise RecipeError([f"{path}: nested too deeply to read"]) from None
     if not isinstance(tree, dict):
         raise RecipeError([f"{path}: a recipe is a YAML mapping with name, model, data and stages"])
     problems = []
@@ -143,6 +230,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
             problems.extend(e.problems)
     if problems:
         raise RecipeError(problems)
+    depth = _depth(tree)
+    if depth is None or depth > MAX_DEPTH:
+        raise RecipeError([f"{path}: " + ("a YAML alias makes the recipe contain itself" if depth is None else
+                                          f"nested {depth} levels deep with its overrides; at most {MAX_DEPTH}")])
     try:
         return Recipe.model_validate(tree)
     except ValidationError as e:

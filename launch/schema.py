@@ -8,15 +8,57 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import regex
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 
-NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # recipe and stage names
+# Recipe names become folders `<run_root>/<name>-<timestamp>`, stage names folders of the run dir.
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+NAME_MAX_LENGTH = 64
+# What a run dir holds besides one folder per stage (see launch/cli.py, rl/tracking.py, rl/controller.py).
+RUN_DIR_ENTRIES = ("recipe.yaml", "summary.json", "metrics.jsonl", "checkpoints", "wandb")
+# Workers seed vLLM (which calls numpy's `np.random.seed`, limited to [0, 2**32)) with
+# seed + engine index + 7919 * resumed step; keeping seeds below 2**31 leaves room for 2**31 / 7919
+# (about 270,000) steps.
+SEED_LIMIT = 2**31
+
+
+def clip(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters, for echoing user input in error messages."""
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def name_problem(name: str, stage: bool = False) -> str | None:
+    """Why `name` cannot be a recipe (or, `stage`, a stage) folder name, or None when it can."""
+    if len(name) > NAME_MAX_LENGTH:
+        return f"{clip(name, 20)!r} is {len(name)} characters long; a name has at most {NAME_MAX_LENGTH}"
+    if not re.fullmatch(NAME_PATTERN, name):
+        return (f"{clip(name)!r} is not a usable folder name: use letters, digits, '_', '.' and '-', "
+                f"and do not start with '.' or '-'")
+    if stage and name.casefold() in RUN_DIR_ENTRIES:
+        return (f"{name!r} would clash with the run directory's own {name.casefold()}; pick another "
+                f"stage name (reserved: {', '.join(RUN_DIR_ENTRIES)})")
+    return None
+
+
+def _usable(stage: bool):
+    def check(name: str) -> str:
+        problem = name_problem(name, stage)
+        if problem:
+            raise ValueError(problem)
+        return name
+    return AfterValidator(check)
+
+
+RecipeName = Annotated[str, _usable(stage=False)]
+StageName = Annotated[str, _usable(stage=True)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf`/`.nan` in any float field is an error naming that field.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- model and data
@@ -77,7 +119,8 @@ class ClusterConfig(Strict):
     max_restarts: int = Field(
         1, ge=0, description="Times a run restarts its workers and continues from the last checkpoint after "
                              "a worker failure before it stops.")
-    liveness: LivenessConfig = LivenessConfig()
+    liveness: LivenessConfig = Field(
+        LivenessConfig(), description="Time limits on workers; over one, the run reports the stuck worker.")
 
 
 class WandbConfig(Strict):
@@ -100,7 +143,9 @@ class LoggingConfig(Strict):
 # ---------------------------------------------------------------- stages
 
 class StageBase(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: StageName = Field(
+        description=f"The stage's folder in the run dir: letters, digits, `_`, `.`, `-` (not first), at most {NAME_MAX_LENGTH}; "
+                    f"not one of the run dir's own entries ({', '.join(RUN_DIR_ENTRIES)}).")
     needs: list[str] = Field([], description="Stages whose outputs this one reads.")
 
 
@@ -158,7 +203,7 @@ class RolloutConfig(Strict):
 class OptimConfig(Strict):
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -201,9 +246,9 @@ class RewardTerm(Strict):
         if wrong:
             raise ValueError(f"verifier '{self.verifier}' takes no option {', '.join(wrong)}")
         if self.pattern is not None:
-            try:
-                re.compile(self.pattern)
-            except re.error as e:
+            try:  # `regex`, not `re`: the format verifier runs patterns with `regex` (it has timeouts)
+                regex.compile(self.pattern)
+            except regex.error as e:
                 raise ValueError(f"pattern is not a valid regular expression: {e}") from None
         return self
 
@@ -377,8 +422,12 @@ Stage = Annotated[RLStage | EvalStage, Field(discriminator="kind")]
 # ---------------------------------------------------------------- the recipe
 
 class Recipe(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
-    seed: int = 42
+    name: RecipeName = Field(
+        description=f"Runs are created as `<run_root>/<name>-<timestamp>`: letters, digits, `_`, `.`, `-`, "
+                    f"(not first), at most {NAME_MAX_LENGTH}.")
+    seed: int = Field(
+        42, ge=0, lt=SEED_LIMIT, description="Seeds sampling, prompt order, selection and the learner; workers "
+                                             "add offsets to it, hence the bound.")
     model: ModelConfig
     data: DataConfig
     stages: list[Stage] = Field(min_length=1)
@@ -413,7 +462,7 @@ def stage_graph_problems(stages: list) -> list[tuple[str, str]]:
                 problems.append((f"stages.{s.name}.needs", "a stage cannot need itself"))
             elif dep not in names:
                 problems.append((f"stages.{s.name}.needs",
-                                 f"unknown stage '{dep}'; the stages are {', '.join(names)}"))
+                                 f"unknown stage {clip(dep)!r}; the stages are {clip(', '.join(names), 200)}"))
     if not problems:
         from launch.graph import topological_order  # cycle check lives with the runner
         try:

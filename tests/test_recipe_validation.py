@@ -134,7 +134,7 @@ SCHEMA_CASES = {
     "error in the second stage kind": (recipe_tree(("stages.1.max_new_tokens", 0)),
                                        [("stages.eval.max_new_tokens", "greater than or equal to 1")]),
     "bad stage name is named by index": (recipe_tree(("stages.0.name", "my train"), ("stages.1.needs", [])),
-                                         [("stages.0.name", "pattern")]),
+                                         [("stages.0.name", "'my train' is not a usable folder name")]),
     "missing model": (recipe_tree(("model",)), [("model", "required field is missing")]),
     "missing data": (recipe_tree(("data",)), [("data", "required field is missing")]),
     "missing data.train": (recipe_tree(("data.train",)), [("data.train", "required field is missing")]),
@@ -178,6 +178,32 @@ SCHEMA_CASES = {
         recipe_tree(("epochs", 3), ("model.dtype", "fp8"), ("data.template", "Q:"), ("stages.1.needs", ["nope"])),
         [("model.dtype", "'bfloat16'"), ("data.template", "{question}"),
          ("stages.eval.needs", "unknown stage 'nope'"), ("epochs", "unknown key")]),
+    # Numbers that cannot train: NaN and infinity are errors in every float field.
+    "infinite temperature": (recipe_tree(("stages.0.rollout.temperature", float("inf"))),
+                             [("stages.train.rollout.temperature", "finite number")]),
+    "NaN reward weight": (recipe_tree(("stages.0.rewards.terms", [{"verifier": "gsm8k_accuracy", "weight": float("nan")}])),
+                          [("stages.train.rewards.terms.0.weight", "finite number")]),
+    "NaN in a tuple (betas)": (recipe_tree(("stages.0.learner.optim.betas", [float("nan"), 0.999])),
+                               [("stages.train.learner.optim.betas.0", "finite number")]),
+    "-inf timeout": (recipe_tree(("cluster.liveness", {"call_timeout_s": float("-inf")})),
+                     [("cluster.liveness.call_timeout_s", "finite number")]),
+    "beta of 1": (recipe_tree(("stages.0.learner.optim.betas", [0.9, 1.0])),
+                  [("stages.train.learner.optim.betas.1", "less than 1")]),
+    "negative seed": (recipe_tree(("seed", -1)), [("seed", "greater than or equal to 0")]),
+    "huge seed": (recipe_tree(("seed", 2**70)), [("seed", "less than 2147483648")]),
+    # Names become folders: `<run_root>/<name>-<timestamp>` and `<run dir>/<stage name>`.
+    "stage named like the run dir's recipe.yaml": (
+        recipe_tree(("stages.0.name", "recipe.yaml"), ("stages.1.needs", [])),
+        [("stages.0.name", "'recipe.yaml' would clash with the run directory's own recipe.yaml")]),
+    "stage named Checkpoints (any case)": (
+        recipe_tree(("stages.0.name", "Checkpoints"), ("stages.1.needs", [])),
+        [("stages.0.name", "clash with the run directory's own checkpoints")]),
+    "hidden stage name": (recipe_tree(("stages.0.name", ".hidden"), ("stages.1.needs", [])),
+                          [("stages.0.name", "'.hidden' is not a usable folder name")]),
+    "stage name over 64 characters": (recipe_tree(("stages.0.name", "s" * 65), ("stages.1.needs", [])),
+                                      [("stages.0.name", "65 characters long; a name has at most 64")]),
+    "recipe name with a slash": (recipe_tree(("name", "../elsewhere")), [("name", "not a usable folder name")]),
+    "recipe name over 64 characters": (recipe_tree(("name", "n" * 300)), [("name", "300 characters long")]),
     # The graph is checked once every stage is valid on its own, so only the field errors show here.
     "several problems in one stage": (
         recipe_tree(("stages.0.rollout.top_p", 1.5), ("stages.0.loss.agg", "mean"), ("stages.1.needs", ["nope"])),
@@ -207,6 +233,13 @@ FILE_CASES = {
     "invalid YAML syntax": ("name: t\nstages: [{name: train, kind: rl}\nmodel: x\n", "not valid YAML (line 3"),
     "tab indentation": ("name: t\n\tmodel: x\n", "not valid YAML (line 2, column 1)"),
     "not text": (b"\xff\xfe\x00\x01name", "cannot read the recipe"),
+    # PyYAML composes recursively: 5,000 levels used to print a 3,000-line RecursionError.
+    # The recipe is level 1, so the mapping opened on the key's line L + k is level k + 1: level 33 is on line L + 32.
+    "5,000 nested mappings": (yaml.safe_dump(BASE) + "".join("  " * i + "a:\n" for i in range(5000)) + "  " * 5000
+                              + "b: 1\n", f"nested deeper than 32 levels (line {len(yaml.safe_dump(BASE).splitlines()) + 32})"),
+    "5,000 nested flow lists": (yaml.safe_dump(BASE) + "x: " + "[" * 5000 + "]" * 5000 + "\n", "nest"),
+    "33 nested lists": (yaml.safe_dump(BASE) + "x: " + "[" * 33 + "]" * 33 + "\n", "nested deeper than 32 levels"),
+    "an alias inside its own anchor": (yaml.safe_dump(BASE) + "x: &loop [1, *loop]\n", "contain itself"),
 }
 
 
@@ -216,6 +249,59 @@ def test_malformed_file(case, tmp_path, capsys):
     path = write(tmp_path, content)
     rc, out, err = validate(capsys, path)
     assert_errors(rc, err, [(str(path), fragment)])
+
+
+def test_nesting_bound_is_exact(tmp_path, capsys):
+    """The recipe, 30 lists and their scalar are 32 levels: they reach the schema; one list more does not."""
+    rc, _, err = validate(capsys, write(tmp_path, yaml.safe_dump(BASE) + "x: " + "[" * 30 + "1" + "]" * 30 + "\n"))
+    assert_errors(rc, err, [("x", "unknown key")])
+    path = write(tmp_path, yaml.safe_dump(BASE) + "x: " + "[" * 31 + "1" + "]" * 31 + "\n")
+    rc, _, err = validate(capsys, path)
+    assert_errors(rc, err, [(str(path), "nested deeper than 32 levels")])
+
+
+def test_deep_override_is_one_line(tmp_path, capsys):
+    rc, _, err = validate(capsys, write(tmp_path, BASE), "a." * 100 + "b=1")
+    assert_errors(rc, err, [(str(tmp_path / "recipe.yaml"), "nested 102 levels deep with its overrides")])
+    rc, _, err = validate(capsys, write(tmp_path, BASE), "x=" + "[" * 40 + "]" * 40)
+    assert_errors(rc, err, [("x", "nested deeper than 32 levels")])
+
+
+def test_many_problems_are_capped(tmp_path, capsys):
+    """200,000 unknown keys used to print 200,000 lines: now the first 20, then a count."""
+    text = yaml.safe_dump(BASE) + "".join(f"k{i}: 0\n" for i in range(200_000))
+    rc, out, err = validate(capsys, write(tmp_path, text))
+    assert "Traceback" not in err and rc == EXIT_BAD_RECIPE and out == ""
+    lines = error_lines(err)
+    assert lines[:20] == [f"k{i}: unknown key" for i in range(20)]
+    assert lines[20:] == ["... and 199980 more problems"]
+    assert len(err) < 1000
+
+
+def test_echoed_values_are_cut_short(tmp_path, capsys):
+    long = "q" * 100_000
+    rc, _, err = validate(capsys, write(tmp_path, recipe_tree(("stages.0.kind", long), (long, 1))),
+                          f"stages.eval.needs=[{long}]", f"stages.{long}.steps=1")
+    assert "Traceback" not in err and rc == EXIT_BAD_RECIPE
+    assert err.count("error: ") == 1 and len(err) < 300  # the override's unknown stage is the first problem
+    rc, _, err = validate(capsys, write(tmp_path, recipe_tree(("stages.0.kind", long), (long, 1))))
+    assert_errors(rc, err, [("stages.train.kind", "unknown stage kind 'qqqq"), ("q" * 37 + "...", "unknown key")])
+    assert max(len(line) for line in err.splitlines()) < 200
+
+
+def test_format_pattern_is_checked_with_the_regex_module(tmp_path):
+    """The format verifier runs patterns with `regex` (it has timeouts), so validation uses it too:
+    these are valid for `regex` and rejected by `re`."""
+    for pattern in [r"(?<=a|bc)x", r"\p{L}+"]:
+        recipe = load_recipe(write(tmp_path, recipe_tree(
+            ("stages.0.rewards.terms", [{"verifier": "format", "pattern": pattern}]))))
+        assert recipe.stages[0].rewards.terms[0].pattern == pattern
+
+
+def test_non_finite_override(tmp_path, capsys):
+    for value in (".inf", "-.inf", ".nan", "1e400", "nan"):
+        rc, _, err = validate(capsys, write(tmp_path, BASE), f"stages.train.learner.optim.lr={value}")
+        assert_errors(rc, err, [("stages.train.learner.optim.lr", "finite number")])
 
 
 def test_missing_recipe_file(tmp_path, capsys):
