@@ -13,7 +13,9 @@ itself, not its chunk.
 Inputs refused before any verifier runs (score 0, counted in `rejected`): anything that is not a
 str, an empty or blank completion, one over `max_chars` (scored 0, not truncated: a cut-off
 answer could extract the wrong number and the format check is meaningless without the ending),
-one containing NUL or lone surrogates (binary garbage, not text).
+one containing NUL or lone surrogates (binary garbage, not text). `max_chars_for` derives
+`max_chars` from the rollout's token limit, so that no completion the sampler may produce is
+refused for its length.
 """
 from __future__ import annotations
 
@@ -31,6 +33,18 @@ from rewards.verifiers import VERIFIERS
 _ACCURACY = "gsm8k_accuracy"
 _TERM_KEYS = ("verifier", "weight")
 _TIMEOUT, _ERROR = "timeout", "error"
+# English prose or math averages about 4 characters a token; 32 leaves 8x headroom for the many
+# long tokens (runs of spaces, indentation, "-----"), so only degenerate output can exceed it.
+_CHARS_PER_TOKEN = 32
+# Never below the fixed limit this replaced, so a short token budget refuses nothing more than before.
+_MIN_MAX_CHARS = 20_000
+
+
+def max_chars_for(max_new_tokens: int) -> int:
+    """A `max_chars` for completions of at most `max_new_tokens` tokens (4096 -> 131,072)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    return max(_MIN_MAX_CHARS, _CHARS_PER_TOKEN * max_new_tokens)
 
 
 @dataclass
@@ -45,10 +59,11 @@ class RewardResult:
 
 class RewardPool:
     def __init__(self, terms: list[dict], workers: int = 2, timeout_s: float = 5.0,
-                 max_chars: int = 20_000, chunk_size: int = 16, context: str = "forkserver"):
+                 max_chars: int = _MIN_MAX_CHARS, chunk_size: int = 16, context: str = "forkserver"):
         """terms: [{"verifier": name, "weight": w, <option>: value, ...}]; None options are dropped.
 
         timeout_s bounds one task: a chunk, or one completion when a chunk is rescored.
+        max_chars: longer completions are refused (see the module doc); `max_chars_for(tokens)`.
         context: "forkserver" or "spawn" (not "fork": the caller may have threads, e.g. Ray).
         """
         if not terms:
@@ -150,7 +165,7 @@ def _score_items(verifiers, items) -> list[list[float] | str]:
         try:
             scores = [float(fn(completion, reference, **options)) for fn, options in verifiers]
             outcomes.append(scores if all(math.isfinite(v) for v in scores) else _ERROR)
-        except TimeoutException:
+        except (TimeoutException, TimeoutError):  # math-verify's, the format regex's
             outcomes.append(_TIMEOUT)
         except Exception:
             outcomes.append(_ERROR)

@@ -10,6 +10,8 @@ import re
 import threading
 from typing import Callable
 
+import regex
+
 from rewards.gsm8k import extract_answer, reference_answer
 
 Verifier = Callable[..., float]
@@ -19,6 +21,14 @@ VERIFIERS: dict[str, Verifier] = {}
 THINK_ANSWER_PATTERN = r"^<think>.*?</think>\n<answer>.*?</answer>$"
 # math-verify's own limits (signal.alarm: whole seconds) for one parse or comparison.
 MATH_VERIFY_TIMEOUT_S = 1
+# The limit for one format match. The `regex` module checks it while matching; Python's `re` cannot
+# be interrupted, and a recipe's pattern that backtracks ("^(a|a)*$") could stall a worker for hours.
+FORMAT_TIMEOUT_S = 1.0
+# Longer extracted answers are compared as strings only: math-verify takes up to its whole timeout
+# on a long one, and no GSM8K answer (nor a usual latex one) comes near this.
+MAX_VERIFIED_ANSWER_CHARS = 1_000
+# math-verify reads "7.2e1" as 7.2*e*1 (Euler's e); scientific notation goes to it as latex.
+_SCIENTIFIC = re.compile(r"(-?(?:\d+(?:\.\d*)?|\.\d+))[eE]([+-]?\d+)")
 
 
 def register(name: str, fn: Verifier | None = None):
@@ -33,7 +43,8 @@ def register(name: str, fn: Verifier | None = None):
 def gsm8k_accuracy(completion: str, reference: str, exact_score: float = 1.0,
                    equivalent_score: float = 1.0) -> float:
     """`exact_score` if the extracted answer is the reference string, `equivalent_score` if
-    math-verify finds them equal ("72.0" vs "72"), else 0.0. (The CPPO paper scores 2 / 1.5.)
+    math-verify finds them equal ("72.0" or "7.2e1" vs "72"), else 0.0. (The CPPO paper scores
+    2 / 1.5.) Answers over MAX_VERIFIED_ANSWER_CHARS only score when exact.
 
     Raises where math-verify fails or times out (math_verify.errors.TimeoutException, a
     BaseException) instead of quietly scoring 0, so that the reward pool can count it.
@@ -44,20 +55,42 @@ def gsm8k_accuracy(completion: str, reference: str, exact_score: float = 1.0,
     gold = reference_answer(reference)
     if predicted == gold:
         return exact_score
+    if max(len(predicted), len(gold)) > MAX_VERIFIED_ANSWER_CHARS:
+        return 0.0
     from math_verify import parse, verify  # heavy import (sympy); only where it is needed
 
     # signal.alarm only works in the main thread; elsewhere the caller must bound the time.
     limit = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     # Wrapped in \boxed{} so math-verify reads bare latex ("\dfrac12") as the answer.
-    gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=limit, raise_on_error=True)
-    predicted_parsed = parse(f"\\boxed{{{predicted}}}", parsing_timeout=limit, raise_on_error=True)
+    gold_parsed = parse(f"\\boxed{{{_latex(gold)}}}", parsing_timeout=limit, raise_on_error=True)
+    predicted_parsed = parse(f"\\boxed{{{_latex(predicted)}}}", parsing_timeout=limit, raise_on_error=True)
     if not gold_parsed or not predicted_parsed:
         return 0.0
     equal = verify(gold_parsed, predicted_parsed, timeout_seconds=limit, raise_on_error=True)
     return equivalent_score if equal else 0.0
 
 
+def _latex(answer: str) -> str:
+    scientific = _SCIENTIFIC.fullmatch(answer)
+    return f"{scientific[1]}\\times10^{{{scientific[2]}}}" if scientific else answer
+
+
 @register("format")
 def format_reward(completion: str, reference: str, pattern: str = THINK_ANSWER_PATTERN) -> float:
-    """1.0 if the whole completion matches `pattern` (DOTALL), else 0.0."""
-    return 1.0 if re.fullmatch(pattern, completion, re.DOTALL) else 0.0
+    """1.0 if the whole completion matches `pattern` (DOTALL), else 0.0.
+
+    Raises TimeoutError when matching runs past FORMAT_TIMEOUT_S (the reward pool counts it).
+    """
+    if pattern == THINK_ANSWER_PATTERN:
+        return 1.0 if _think_answer(completion) else 0.0
+    matched = regex.fullmatch(pattern, completion, regex.DOTALL, timeout=FORMAT_TIMEOUT_S)
+    return 1.0 if matched else 0.0
+
+
+def _think_answer(completion: str) -> bool:
+    """THINK_ANSWER_PATTERN's verdict in one pass. The regex's time grows with the length times
+    the number of "</think>\\n<answer>" in the completion (Python's re: 18 s on 192k characters
+    of them), so a repetitive completion would time out and lose its accuracy score too."""
+    middle = completion.find("</think>\n<answer>", len("<think>"))
+    return (completion.startswith("<think>") and completion.endswith("</answer>") and middle != -1
+            and middle + len("</think>\n<answer>") <= len(completion) - len("</answer>"))

@@ -1,12 +1,14 @@
+import itertools
+import re
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from rewards import VERIFIERS, RewardPool, register
+from rewards import VERIFIERS, RewardPool, max_chars_for, register
 from rewards.gsm8k import extract_answer, reference_answer
-from rewards.verifiers import format_reward, gsm8k_accuracy
+from rewards.verifiers import THINK_ANSWER_PATTERN, format_reward, gsm8k_accuracy
 
 # The pool's workers import test verifiers by module name; they inherit this sys.path.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,6 +54,20 @@ def test_reference_answer(field, expected):
     ("it drops to -3.5", "-3.5"),
     ("10-5", "5"),
     ("(1, 2)", "2"),
+    # exponents belong to the number; unicode minus signs are minus signs
+    ("#### 1e309", "1e309"),
+    ("it is 7.2E+1 or so", "7.2E+1"),
+    ("3 eggs", "3"),
+    ("the change is \u221215 degrees", "-15"),
+    ("#### \uff0d3", "-3"),
+    ("pages 3\u20135", "5"),
+    # \text{} wrappers and units in a box
+    ("\\boxed{\\text{72 apples}}", "72"),
+    ("\\boxed{72 \\text{apples}}", "72"),
+    ("\\boxed{\\$72 per week.}", "72"),
+    ("\\boxed{\\text{seventy-two}}", "seventy-two"),
+    ("\\boxed{2x}", "2x"),            # no space: an expression, not a unit
+    ("\\boxed{3 + 4 apples}", "3 + 4 apples"),
 ])
 def test_extract_answer(completion, expected):
     assert extract_answer(completion) == expected
@@ -76,6 +92,15 @@ def test_extract_answer_none(completion):
     ("\\boxed{\\$72}", "72"),
     ("#### 72\nBut wait, 5", "72"),
     (GOOD, "reasoning\n#### 7"),  # a raw GSM8K answer field works as the reference too
+    ("10-5", "5"),
+    ("\u221272", "-72"),
+    ("\\boxed{\ufe6372}", "-72"),
+    ("\u221272", "reasoning\n#### \u221272"),
+    ("#### 7.2e1", "72"),
+    ("The answer is 7.2E+1", "72"),
+    ("\\boxed{1.5e-3}", "0.0015"),
+    ("\\boxed{\\text{72 apples}}", "72"),
+    ("\\boxed{72\\text{ dollars}}", "72"),
 ])
 def test_accuracy_equal(completion, reference):
     assert gsm8k_accuracy(completion, reference) == 1.0
@@ -88,6 +113,11 @@ def test_accuracy_equal(completion, reference):
     ("7.2", "72"),
     ("no number", "72"),
     ("", "72"),
+    ("#### 1e309", "1"),      # not 1 with its exponent dropped (nor an overflowing float)
+    ("#### 2e1", "2"),
+    ("\u221272", "72"),       # unicode minus: -72
+    ("#### 1e-7", "0"),
+    ("\\boxed{7.2e1}", "7.2"),
 ])
 def test_accuracy_not_equal(completion, reference):
     assert gsm8k_accuracy(completion, reference) == 0.0
@@ -104,6 +134,45 @@ def test_accuracy_not_equal(completion, reference):
 ])
 def test_format_default_pattern(completion, expected):
     assert format_reward(completion, "7") == expected
+
+
+def test_accuracy_long_answer_is_not_sent_to_math_verify():
+    # math-verify would time out (and raise) on this; only a string-equal long answer scores.
+    long_sum = "1+" * 5000 + "1"
+    start = time.monotonic()
+    assert gsm8k_accuracy(f"\\boxed{{{long_sum}}}", "5001") == 0.0
+    assert gsm8k_accuracy(f"\\boxed{{{long_sum}}}", long_sum) == 1.0
+    assert time.monotonic() - start < 5
+
+
+def test_format_default_pattern_matches_the_regex():
+    """The default pattern's one-pass check agrees with the regex on every string of up to 6 pieces."""
+    pieces = ["<think>", "</think>", "\n", "<answer>", "</answer>", "</think>\n<answer>", "x"]
+    matches = 0
+    for n in range(7):
+        for parts in itertools.product(pieces, repeat=n):
+            text = "".join(parts)
+            expected = 1.0 if re.fullmatch(THINK_ANSWER_PATTERN, text, re.DOTALL) else 0.0
+            assert format_reward(text, "") == expected, text
+            matches += expected == 1.0
+    assert matches > 100
+
+
+def test_format_default_pattern_is_linear():
+    # The regex backtracks over every "</think>\n<answer>": Python's re takes 10+ s on this.
+    repetitive = "<think>" + "</think>\n<answer>x</answer>\n" * 6500 + "#### 7"
+    start = time.monotonic()
+    assert format_reward(repetitive, "7") == 0.0
+    assert format_reward(repetitive + "</answer>", "7") == 1.0
+    assert time.monotonic() - start < 1
+
+
+def test_format_catastrophic_pattern_is_cut_short():
+    start = time.monotonic()
+    assert format_reward("a" * 30 + "b", "", pattern=r"^(a+)+$") == 0.0  # Python's re: ~30 s
+    with pytest.raises(TimeoutError):
+        format_reward("a" * 40 + "b", "", pattern=r"^(a|a)*$")           # regex backtracks too
+    assert time.monotonic() - start < 10
 
 
 def test_format_custom_pattern():
@@ -187,6 +256,44 @@ def test_pool_malformed_inputs(pool):
     assert result.total == [0.0] * 9 + [2.5]
     assert result.correct == [False] * 9 + [True]
     assert (result.rejected, result.timeouts, result.errors) == (7, 1, 0)
+
+
+@pytest.mark.parametrize("tokens, chars", [(1, 20_000), (625, 20_000), (626, 20_032),
+                                           (4096, 131_072), (6000, 192_000)])
+def test_max_chars_for(tokens, chars):
+    assert max_chars_for(tokens) == chars
+
+
+@pytest.mark.parametrize("tokens", [0, -5])
+def test_max_chars_for_rejects_no_tokens(tokens):
+    with pytest.raises(ValueError):
+        max_chars_for(tokens)
+
+
+def test_pool_scores_a_long_completion_within_max_chars_for(pool):
+    step = "Natalia sold 48/2 = 24 clips in May, so 48 + 24 = 72 altogether. Let me check again.\n"
+    long_right = "<think>" + step * 720 + "</think>\n<answer>\\boxed{72}</answer>"
+    assert 60_000 < len(long_right) < max_chars_for(4096)
+    assert pool.score([long_right], ["72"]).rejected == 1  # the fixed 20,000 default refuses it
+    terms = [{"verifier": "gsm8k_accuracy", "weight": 1.0}, {"verifier": "format", "weight": 0.5}]
+    with RewardPool(terms, workers=1, max_chars=max_chars_for(4096)) as long_pool:
+        start = time.monotonic()
+        result = long_pool.score([long_right] * 4 + [long_right.replace("{72}", "{71}")], ["72"] * 5)
+        assert time.monotonic() - start < 10
+    assert result.total == [1.5] * 4 + [0.5]
+    assert (result.rejected, result.timeouts, result.errors) == (0, 0, 0)
+
+
+def test_pool_counts_a_format_regex_timeout():
+    terms = [{"verifier": "format", "weight": 1.0, "pattern": r"^(a|a)*$"}]
+    # timeout_s far above the format limit: the regex's own timeout must end it, not the pool.
+    with RewardPool(terms, workers=1, timeout_s=60.0) as slow:
+        start = time.monotonic()
+        result = slow.score(["a" * 40 + "b", "aaaa"], ["", ""])
+        assert time.monotonic() - start < 10
+        assert result.total == [0.0, 1.0]
+        assert (result.timeouts, result.errors, result.rejected) == (1, 0, 0)
+        assert slow.score(["aa"], [""]).total == [1.0]
 
 
 def test_pool_max_chars_is_a_limit_not_a_truncation():
