@@ -70,8 +70,14 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
 
 
+# Local data files by extension, and the `datasets` builder that reads each (rl/data.py).
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
 class DataSource(Strict):
-    path: str = Field(description="Local .jsonl/.json/.parquet file, or a Hugging Face dataset name.")
+    path: str = Field(description="Local .jsonl/.json/.parquet/.csv file, or a Hugging Face dataset name. A .json "
+                                  "file is a JSON array of rows, one object or JSON Lines; a .csv file has a header "
+                                  "row, and its cells are read as text.")
     config: str | None = Field(None, description="Dataset config name for hub datasets (e.g. `main`).")
     split: str = Field("train", description="Split to read (hub datasets; ignored for local files).")
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
@@ -144,8 +150,8 @@ class LoggingConfig(Strict):
 
 class StageBase(Strict):
     name: StageName = Field(
-        description=f"The stage's folder in the run dir: letters, digits, `_`, `.`, `-` (not first), at most {NAME_MAX_LENGTH}; "
-                    f"not one of the run dir's own entries ({', '.join(RUN_DIR_ENTRIES)}).")
+        description=f"The stage's folder in the run dir: letters, digits, `_`, `.`, `-` (not first), at most "
+                    f"{NAME_MAX_LENGTH}; not one of the run dir's own entries ({', '.join(RUN_DIR_ENTRIES)}).")
     needs: list[str] = Field([], description="Stages whose outputs this one reads.")
 
 

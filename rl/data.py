@@ -1,30 +1,47 @@
 """Prompts: rows from local files or the Hugging Face hub, prompt templates, a resumable sampler."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import datasets
 import numpy as np
 # Imported at module level on purpose: stage runners are imported in the main thread, and a first
 # import of transformers' lazy attributes from two stage threads at once fails.
 from transformers import AutoTokenizer
 
+from launch.preflight import BadRow, DataFileError, local_data_file, read_rows
 from rewards.gsm8k import reference_answer
 
 
 def load_rows(source) -> list[dict]:
-    """Rows of a `DataSource`: local .jsonl/.json/.parquet, else a hub dataset name."""
-    path = Path(source.path)
-    if path.suffix in {".jsonl", ".json", ".parquet"}:
-        if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
-        builder = "parquet" if path.suffix == ".parquet" else "json"
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    else:
+    """Rows of a `DataSource`: a local .jsonl/.json/.parquet/.csv file, read as `launch.preflight`
+    checks it (JSON values as written, CSV cells as text), else a hub dataset name or a local
+    dataset folder, read by `datasets`. Raises DataFileError (FileNotFoundError for a missing
+    file) naming the file and the line or row."""
+    path = local_data_file(source.path)
+    if path is None:
         ds = datasets.load_dataset(source.path, source.config, split=source.split)
-    if source.limit is not None:
-        ds = ds.select(range(min(source.limit, len(ds))))
-    return ds.to_list()
+        if source.limit is not None:
+            ds = ds.select(range(min(source.limit, len(ds))))
+        return ds.to_list()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {source.path}")
+    rows = []
+    for where, row in read_rows(path, source.path):
+        if isinstance(row, BadRow) or not isinstance(row, dict):
+            raise DataFileError(f"{source.path}{where}: {row if isinstance(row, BadRow) else 'expected a JSON object'}")
+        rows.append(row)
+        if len(rows) == source.limit:
+            break
+    if not rows:
+        raise DataFileError(f"{source.path}: has no rows")
+    return rows
+
+
+def check_columns(name: str, rows: list[dict], *keys: str) -> None:
+    """Raise DataFileError naming `name` unless the first row holds each of `keys`."""
+    missing = [k for k in keys if rows and k not in rows[0]]
+    if missing:
+        raise DataFileError(f"{name}: no column {' or '.join(repr(k) for k in missing)} "
+                            f"(columns: {', '.join(map(str, rows[0]))}); see data.question_key, data.answer_key")
 
 
 def prompt_text(tokenizer, data_cfg, question: str) -> str:
@@ -48,6 +65,7 @@ def load_problems(recipe, split: str, limit: int | None = None) -> tuple[list[li
     """Prompt token ids and reference answers of the recipe's `train` or `eval` split."""
     data = recipe.data
     rows = load_rows(getattr(data, split))[:limit]
+    check_columns(getattr(data, split).path, rows, data.question_key, data.answer_key)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     return encode_prompts(tokenizer, data, rows), [reference_answer(str(r[data.answer_key])) for r in rows]
 

@@ -1,0 +1,205 @@
+"""Checks that need the filesystem, run before any actor starts: a local model folder exists, and
+every local data file is rows holding the recipe's question and answer columns.
+
+Each problem is one `field path: message` line, like the schema's; a file's problem names the file
+and the line (`train.jsonl:3: ...` for JSON Lines and CSV) or row (`train.json: row 3: ...` for a
+JSON array or Parquet). Files are streamed; a few bad rows are
+shown, then a count, and a file with very many bad rows is not read to its end. Hub datasets cannot
+be checked offline and are left to `datasets` at load time.
+
+The readers here are also what `rl.data.load_rows` reads local files with, so a file that passes
+these checks loads, row for row, as it was checked.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from launch.schema import DATA_FILE_TYPES, clip
+
+SHOWN = 5  # bad rows reported per file; the rest are counted
+STOP_AFTER = 1000  # bad rows after which a file is not read further
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read as rows; the message names the file."""
+
+
+class BadRow(str):
+    """What `read_rows` yields in place of a row it cannot read: the problem."""
+
+
+def preflight(recipe) -> list[str]:
+    """One line per problem with the recipe's local model folder and data files; empty when none."""
+    problems = []
+    if _looks_local(recipe.model.path) and not (Path(recipe.model.path) / "config.json").is_file():
+        problems.append(f"model.path: no Hugging Face model folder (config.json) at {recipe.model.path}")
+    for split in ("train", "eval"):
+        problems += data_file_problems(f"data.{split}.path", getattr(recipe.data, split).path,
+                                       recipe.data.question_key, recipe.data.answer_key)
+    return problems
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
+
+
+def local_data_file(name: str) -> Path | None:
+    """The file a `data.*.path` names, or None for a hub dataset name or a local dataset folder."""
+    path = Path(name).expanduser()
+    if path.is_dir() or not (path.suffix.lower() in DATA_FILE_TYPES or path.exists()
+                             or name.startswith((".", "/", "~"))):
+        return None
+    return path
+
+
+def data_file_problems(field: str, name: str, question_key: str, answer_key: str) -> list[str]:
+    """Problems of the data file `name` (a recipe's `data.*.path`), each line naming `field`."""
+    path = local_data_file(name)
+    if path is None:
+        return []
+    problems, bad, count = [], 0, 0
+    try:
+        for where, row in read_rows(path, name, (question_key, answer_key)):
+            count += 1
+            problem = row if isinstance(row, BadRow) else _row_problem(row, question_key, answer_key)
+            if problem is None:
+                continue
+            bad += 1
+            if bad <= SHOWN:
+                problems.append(f"{field}: {name}{where}: {problem}")
+            if bad == STOP_AFTER:
+                break
+    except DataFileError as e:
+        return [f"{field}: {e}"]
+    if bad > SHOWN:
+        more = "at least " if bad == STOP_AFTER else ""
+        problems.append(f"{field}: {name}: ... and {more}{bad - SHOWN} more bad rows")
+    if count == 0:
+        problems.append(f"{field}: {name}: has no rows")
+    return problems
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "an array", str: "text", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _row_problem(row, question_key: str, answer_key: str) -> str | None:
+    if not isinstance(row, dict):
+        return f"expected a JSON object, found {_kind(row)}"
+    missing = [k for k in (question_key, answer_key) if k not in row]
+    if missing:
+        keys = ", ".join(clip(str(k), 30) for k in list(row)[:8]) + (", ..." if len(row) > 8 else "")
+        return f"no key {' or '.join(repr(k) for k in missing)} (keys: {keys or 'none'})"
+    question, answer = row[question_key], row[answer_key]
+    if not isinstance(question, str) or not question.strip():
+        return f"{question_key!r} is {'empty' if isinstance(question, str) else _kind(question)}; expected text"
+    if answer is None or answer == "" or isinstance(answer, (dict, list)):
+        return f"{answer_key!r} is {'empty' if answer == '' else _kind(answer)}; expected text or a number"
+    return None
+
+
+# ---------------------------------------------------------------- reading local files
+
+def read_rows(path: Path, name: str, columns: tuple[str, ...] | None = None) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of a local data file: `where` is ":N" (line N) or ": row N", to
+    follow the file's name, and `row` a dict, another JSON value, or a BadRow saying why that row
+    cannot be read. Raises DataFileError, naming the file as `name`, when the file as a whole cannot
+    be read. `columns`: these must be columns of a CSV or Parquet file (Parquet reads only them)."""
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DataFileError(f"file not found: {name}")
+    if suffix not in DATA_FILE_TYPES:
+        raise DataFileError(f"{name}: unknown data file type '{suffix or '(no extension)'}'; "
+                            f"supported: {', '.join(DATA_FILE_TYPES)}")
+    reader = {".jsonl": _json_lines, ".json": _json_file, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix]
+    try:
+        if path.stat().st_size == 0:
+            raise DataFileError(": is empty")
+        yield from reader(path, columns)
+    except DataFileError as e:
+        raise DataFileError(f"{name}{e}") from None  # the readers' messages start with ":N: " or ": "
+    except UnicodeDecodeError as e:
+        raise DataFileError(f"{name}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DataFileError(f"{name}: cannot read: {e.strerror or e}") from None
+
+
+def _json_lines(path: Path, _=None) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if not raw.strip():
+                continue
+            try:
+                yield f":{number}", json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield f":{number}", BadRow("not UTF-8 text")
+            except json.JSONDecodeError as e:
+                yield f":{number}", BadRow(f"not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _json_file(path: Path, _=None) -> Iterator[tuple[str, Any]]:
+    """A .json file: a JSON array of rows, one JSON value (one row), or else JSON Lines."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":
+            raise DataFileError(f":{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        yield from _json_lines(path)  # several values: JSON Lines
+        return
+    if isinstance(data, list):
+        for number, row in enumerate(data, 1):
+            yield f": row {number}", row
+    else:
+        yield ": row 1", data
+
+
+def _csv_rows(path: Path, columns: tuple[str, ...] | None) -> Iterator[tuple[str, Any]]:
+    """Rows of a CSV file with a header row, each at the line it starts on; every cell is text."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            _require(columns, header)
+            start = reader.line_num + 1
+            for cells in reader:
+                where, start = f":{start}", reader.line_num + 1
+                if not cells:
+                    continue  # a blank line
+                if len(cells) != len(header):
+                    yield where, BadRow(f"{len(cells)} cells; the header has {len(header)}")
+                else:
+                    yield where, dict(zip(header, cells))
+        except csv.Error as e:
+            raise DataFileError(f":{reader.line_num}: not valid CSV ({e})") from None
+
+
+def _parquet_rows(path: Path, columns: tuple[str, ...] | None) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+    except pa.ArrowException as e:
+        raise DataFileError(f": not a Parquet file ({clip(str(e), 200)})") from None
+    _require(columns, file.schema_arrow.names)
+    number = 0
+    for batch in file.iter_batches(columns=list(columns) if columns else None):
+        for row in batch.to_pylist():
+            number += 1
+            yield f": row {number}", row
+
+
+def _require(columns: tuple[str, ...] | None, names: list[str]) -> None:
+    missing = [c for c in columns or () if c not in names]
+    if missing:
+        shown = ", ".join(clip(c, 30) for c in names[:8]) + (", ..." if len(names) > 8 else "")
+        raise DataFileError(f": no column {' or '.join(repr(c) for c in missing)} (columns: {shown or 'none'})")
