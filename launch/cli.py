@@ -6,30 +6,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from launch.config import RecipeError, dump_recipe, load_recipe
+from launch.preflight import preflight
+from rl.fileio import write_json_atomic, write_text_atomic
 
 EXIT_BAD_RECIPE = 2
 UPLOAD_EXCLUDES = [".git", "runs", "checkpoints", ".venv", "wandb", "__pycache__", "*.egg-info"]
-
-
-def preflight(recipe) -> list[str]:
-    """Checks that need the filesystem: local models and data files must exist before actors start."""
-    problems = []
-    if _looks_local(recipe.model.path) and not (Path(recipe.model.path) / "config.json").is_file():
-        problems.append(f"model.path: no Hugging Face model folder (config.json) at {recipe.model.path}")
-    for split in ("train", "eval"):
-        src = getattr(recipe.data, split)
-        if Path(src.path).suffix in {".jsonl", ".json", ".parquet"} and not Path(src.path).is_file():
-            problems.append(f"data.{split}.path: file not found: {src.path}")
-    return problems
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
 
 
 def resolve(recipe_path: str, overrides: list[str]):
@@ -46,19 +34,48 @@ def _fail(err: RecipeError) -> int:
     return EXIT_BAD_RECIPE
 
 
+RUN_ROOT_ENV = "PRUNERL_RUN_ROOT"
+EXIT_INTERRUPTED = 130
+
+
+def run_root(recipe) -> Path:
+    """Where runs go: cluster.run_root, else $PRUNERL_RUN_ROOT, else ./runs — except inside a Ray
+    job's working dir (a package cache Ray deletes, shared by jobs), where it is ~/prunerl-runs."""
+    chosen = recipe.cluster.run_root or os.environ.get(RUN_ROOT_ENV)
+    if chosen:
+        return Path(chosen).expanduser().resolve()
+    if "runtime_resources" in Path.cwd().parts:  # <ray temp dir>/session_*/runtime_resources/working_dir_files/...
+        return Path("~/prunerl-runs").expanduser().resolve()
+    return Path("runs").resolve()
+
+
 def pick_run_dir(recipe, run_dir: str | None, resume: bool) -> Path:
     if run_dir:
-        return Path(run_dir).resolve()
-    runs = Path("runs")
+        path = Path(run_dir).expanduser().resolve()
+        if path.exists() and not path.is_dir():
+            raise RecipeError([f"--run-dir: {path} is a file, not a folder"])
+        return path
+    root = run_root(recipe)
+    if root.exists() and not root.is_dir():
+        raise RecipeError([f"run root {root} is a file, not a folder (cluster.run_root / ${RUN_ROOT_ENV})"])
     if resume:
-        previous = sorted(runs.glob(f"{recipe.name}-2*"))
+        previous = sorted(root.glob(f"{recipe.name}-2*"))
         if not previous:
-            raise RecipeError([f"--resume: no earlier run of '{recipe.name}' under {runs}/ (pass --run-dir)"])
-        return previous[-1].resolve()
-    return (runs / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+            raise RecipeError([f"--resume: no earlier run of '{recipe.name}' under {root}/ (pass --run-dir)"])
+        return previous[-1]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for suffix in ["", *(f"-{i}" for i in range(2, 1000))]:  # two runs started in the same second
+        path = root / f"{recipe.name}-{stamp}{suffix}"
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise RecipeError([f"cannot create a new run folder under {root}"])
 
 
 def init_ray(recipe) -> None:
+    """Join cluster.address / $RAY_ADDRESS, or start a private Ray bound to loopback."""
     import logging
 
     import ray
@@ -68,50 +85,83 @@ def init_ray(recipe) -> None:
     if address:
         ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=recipe.cluster.num_cpus, num_gpus=recipe.cluster.num_gpus,
-                 include_dashboard=False, **quiet)
+        if _local_cluster_running():
+            print("[prunerl] a Ray cluster started with `ray start` runs on this machine; this run starts its "
+                  "own private Ray instead (set cluster.address=auto or RAY_ADDRESS=auto to run on that one)",
+                  flush=True)
+        ray.init(address="local", num_cpus=recipe.cluster.num_cpus, num_gpus=recipe.cluster.num_gpus,
+                 include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
     if not recipe.logging.worker_logs:
         logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
         print(f"[prunerl] worker logs (vLLM, DeepSpeed): {logs} on each node", flush=True)
+
+
+def _local_cluster_running() -> bool:
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        return bool(find_gcs_addresses())
+    except Exception:  # a private Ray helper: if it moves, the note above is simply not printed
+        return False
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def cmd_run(args) -> int:
     try:
         recipe = resolve(args.recipe, args.overrides)
         run_dir = pick_run_dir(recipe, args.run_dir, args.resume)
+        resolved = dump_recipe(recipe)
+        recipe_file = run_dir / "recipe.yaml"
+        if recipe_file.exists() and recipe_file.read_text() != resolved:
+            raise RecipeError([f"{run_dir}: holds a run of a different recipe; resume it unchanged or pick another --run-dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(recipe_file, resolved)
     except RecipeError as e:
         return _fail(e)
-    resolved = dump_recipe(recipe)
-    recipe_file = run_dir / "recipe.yaml"
-    if recipe_file.exists() and recipe_file.read_text() != resolved:
-        return _fail(RecipeError([f"{run_dir}: holds a run of a different recipe; resume it unchanged or pick another --run-dir"]))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    recipe_file.write_text(resolved)
+    except OSError as e:
+        return _fail(RecipeError([f"run directory: {e.strerror or e}: {e.filename or ''}"]))
     print(f"[prunerl] run directory: {run_dir}", flush=True)
 
     import ray
 
     from launch.graph import StageFailed, run_graph
+    from launch.resources import resource_problems
+    from rl.liveness import RunInterrupted
 
-    start = time.time()
-    init_ray(recipe)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # `ray job stop`, kill: stop like Ctrl-C
+    start, artifacts = time.time(), {}
     try:
+        init_ray(recipe)
+        problems = resource_problems(recipe, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+        if problems:
+            raise RecipeError(problems)
         artifacts = run_graph(recipe, run_dir, resume=args.resume)
         state = "succeeded"
+    except RecipeError as e:
+        _fail(e)
+        state = "failed"
     except StageFailed as e:
         print(f"[prunerl] {e}", file=sys.stderr)
-        artifacts, state = {}, "failed"
+        if args.debug:
+            traceback.print_exception(e.__cause__ or e)
+        state = "failed"
+    except (RunInterrupted, KeyboardInterrupt):
+        print("[prunerl] interrupted: workers stopped; continue with --resume", file=sys.stderr)
+        state = "interrupted"
     finally:
         ray.shutdown()
     summary = write_summary(recipe, run_dir, artifacts, state, time.time() - start)
     print(f"[prunerl] {state} in {summary['wall_time_s']:.0f}s; summary: {run_dir / 'summary.json'}")
     for stage, acc in summary.get("eval", {}).items():
         print(f"[prunerl] stage '{stage}' greedy accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-    return 0 if state == "succeeded" else 1
+    return {"succeeded": 0, "interrupted": EXIT_INTERRUPTED}.get(state, 1)
 
 
 def write_summary(recipe, run_dir: Path, artifacts: dict, state: str, wall_time: float) -> dict:
-    from launch.graph import read_status, write_json_atomic
+    from launch.graph import read_status
     from rl.tracking import read_metrics
 
     summary = {"name": recipe.name, "run_dir": str(run_dir), "state": state, "wall_time_s": wall_time,
@@ -175,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a recipe's job graph on Ray (local, or RAY_ADDRESS / cluster.address)")
     recipe_args(run)
-    run.add_argument("--run-dir", help="run directory (default runs/<name>-<timestamp>)")
+    run.add_argument("--run-dir", help="run directory (default <run root>/<name>-<timestamp>, run root: "
+                                       "cluster.run_root, $PRUNERL_RUN_ROOT or ./runs)")
+    run.add_argument("--debug", action="store_true", help="print tracebacks of failures")
     run.add_argument("--resume", action="store_true",
                      help="skip finished stages and continue RL from the last checkpoint "
                           "(default run dir: the newest runs/<name>-*)")
@@ -197,7 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except Exception as e:  # anything unforeseen: one line, the traceback only on request
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}\n"
+              f"(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

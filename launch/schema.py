@@ -226,9 +226,6 @@ class LearnerConfig(Strict):
         2048, ge=1, description="Completion tokens per chunk of the output head: bounds the [tokens, vocab] "
                                 "logits held at once (each chunk is recomputed in backward).")
     gradient_checkpointing: bool = False
-    on_nonfinite: Literal["stop", "skip"] = Field(
-        "stop", description="A step whose loss or gradient norm is not finite: stop the run with an error, "
-                            "or skip that optimizer update and go on.")
     optim: OptimConfig = OptimConfig()
 
 

@@ -9,6 +9,8 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from rl.liveness import WorkerFailure
+
 STAGE_RUNNERS = {"rl": "rl.controller:run_rl_stage", "eval": "rl.evaluate:run_eval_stage"}
 
 
@@ -29,6 +31,17 @@ def load_runner(kind: str):
     return getattr(importlib.import_module(module), name)
 
 
-def run_stage(runner, recipe, name: str, run_dir: Path, inputs: dict, resume: bool) -> dict:
+def run_stage(runner, recipe, name: str, run_dir: Path, inputs: dict, resume: bool, log=print) -> dict:
+    """Run a stage; when one of its workers dies or stops answering, stop all its workers and
+    start again from its last checkpoint, up to `cluster.max_restarts` times."""
     stage = next(s for s in recipe.stages if s.name == name)
-    return runner(StageContext(recipe, stage, run_dir, run_dir / name, inputs, resume))
+    restarts = recipe.cluster.max_restarts
+    for attempt in range(restarts + 1):
+        try:
+            return runner(StageContext(recipe, stage, run_dir, run_dir / name, inputs, resume or attempt > 0))
+        except WorkerFailure as failure:
+            if attempt == restarts:
+                raise WorkerFailure(f"{failure} (after {restarts} restart(s); cluster.max_restarts)",
+                                    failure.workers) from None
+            log(f"[graph] stage '{name}': {failure}; restarting its workers from the last checkpoint "
+                f"(restart {attempt + 1} of {restarts})")

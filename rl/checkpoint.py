@@ -9,6 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
+from rl.fileio import write_json_atomic, write_text_atomic
+
 
 class CheckpointManager:
     def __init__(self, directory: Path, keep_last: int):
@@ -21,13 +23,11 @@ class CheckpointManager:
         return partial
 
     def commit(self, partial: Path, state: dict) -> Path:
-        (partial / "state.json").write_text(json.dumps(state, indent=2))
+        write_json_atomic(partial / "state.json", state)
         final = partial.with_suffix("")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
-        tmp = self.directory / "latest.tmp"
-        tmp.write_text(final.name)
-        tmp.replace(self.directory / "latest")
+        write_text_atomic(self.directory / "latest", final.name)
         for old in sorted(self.directory.glob("step_??????"))[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return final

@@ -6,23 +6,24 @@ The distribution lives behind RolloutGroup (vLLM engines) and LearnerGroup (Deep
 """
 from __future__ import annotations
 
-import json
 import time
 from contextlib import ExitStack
 
 import torch
 
-from rewards import RewardPool
+from rewards import RewardPool, max_chars_for
 from rl.advantages import group_advantages
 from rl.batching import dense_microbatches, padding_fraction, split_across_ranks, token_budget_microbatches
 from rl.checkpoint import CheckpointManager
 from rl.data import PromptSampler, load_problems
+from rl.fileio import append_jsonl
 from rl.learner import LossNormaliser
 from rl.learner_group import LearnerGroup
+from rl.liveness import check_stop
 from rl.rows import TrainingRow
 from rl.selection import Selector
 from rl.tracking import Timers, Tracker, drop_records_after
-from rollout.worker import RolloutGroup
+from rollout.worker import EngineSpec, RolloutGroup
 
 
 def run_rl_stage(ctx) -> dict:
@@ -36,7 +37,8 @@ def run_rl_stage(ctx) -> dict:
     timers, sync = Timers(), cfg.rollout.weight_sync
 
     with ExitStack() as cleanup:
-        learners = LearnerGroup(recipe.model, cfg, total_steps * cfg.loss.iterations, recipe.seed)
+        learners = LearnerGroup(recipe.model, cfg, total_steps * cfg.loss.iterations, recipe.seed,
+                                recipe.cluster.liveness)
         cleanup.callback(learners.shutdown)
         start_step, engine_weights = 0, recipe.model.path
         resume_from = ckpts.latest() if ctx.resume else None
@@ -47,15 +49,14 @@ def run_rl_stage(ctx) -> dict:
             selector.load_state_dict(state.get("selection", {}))
             start_step, engine_weights = state["step"], str(resume_from / "hf")
             print(f"[{cfg.name}] resumed from {resume_from} (step {start_step})", flush=True)
-        rollout = RolloutGroup(engine_weights, recipe.model.dtype,
-                               recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-                               recipe.seed + 7919 * start_step,  # a resumed run does not replay step 1's samples
-                               cfg.rollout.engines, cfg.rollout.num_cpus_per_engine, cfg.rollout.num_gpus_per_engine,
-                               cfg.rollout.cpu_kvcache_gib, cfg.rollout.enforce_eager,
-                               cfg.rollout.gpu_memory_utilization)
+        rollout = RolloutGroup(engine_spec(recipe, recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                                           recipe.seed + 7919 * start_step,  # a resumed run does not replay step 1's samples
+                                           engine_weights, cfg.rollout),
+                               cfg.rollout.engines, recipe.cluster.liveness, max_replacements=recipe.cluster.max_restarts)
         cleanup.callback(rollout.shutdown)
         reward_pool = cleanup.enter_context(
-            RewardPool([t.model_dump() for t in cfg.rewards.terms], cfg.rewards.workers, cfg.rewards.timeout_s))
+            RewardPool([t.model_dump() for t in cfg.rewards.terms], cfg.rewards.workers, cfg.rewards.timeout_s,
+                       max_chars=cfg.rewards.max_chars or max_chars_for(cfg.rollout.max_new_tokens)))
         tracker = Tracker(ctx.run_dir, recipe, cfg.name, total_steps, start_step, recipe.logging.progress)
         cleanup.callback(tracker.close)
         batch_log = ctx.stage_dir / "batches.jsonl"  # which prompts each step drew: the data order
@@ -63,6 +64,7 @@ def run_rl_stage(ctx) -> dict:
         G = cfg.group_size
 
         for step in range(start_step + 1, total_steps + 1):
+            check_stop()
             with timers("step"):
                 batch = sampler.next(drawn)
                 kept_prompts, prompt_weights = selector.prune_prompts(step, batch)  # DPPO: from history
@@ -90,8 +92,7 @@ def run_rl_stage(ctx) -> dict:
                     rollout.load_weights(sync.transport, handles[0], sync.timeout_s)
             tracker.log(step, step_metrics(scored, completions, train_rows, len(batch) * G,
                                            len(batch) - len(generated), stats, pad_frac, timers.pop()))
-            with batch_log.open("a") as f:
-                f.write(json.dumps({"stage": cfg.name, "step": step, "prompts": batch, "generated": generated}) + "\n")
+            append_jsonl(batch_log, {"stage": cfg.name, "step": step, "prompts": batch, "generated": generated})
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
                 with timers("checkpoint"):
                     save_checkpoint(ckpts, learners, step, {"sampler": sampler.state_dict(),
@@ -100,6 +101,12 @@ def run_rl_stage(ctx) -> dict:
         final = ctx.stage_dir / "model"
         learners.call("save_hf", str(final), recipe.model.path)
     return {"model": str(final), "steps": total_steps}
+
+
+def engine_spec(recipe, max_model_len: int, seed: int, model_path: str, rollout_cfg) -> EngineSpec:
+    return EngineSpec(model_path, recipe.model.dtype, max_model_len, seed, rollout_cfg.num_cpus_per_engine,
+                      rollout_cfg.num_gpus_per_engine, rollout_cfg.cpu_kvcache_gib, rollout_cfg.enforce_eager,
+                      rollout_cfg.gpu_memory_utilization, recipe.model.trust_remote_code)
 
 
 def training_row(prompt_ids, completion, advantage, mask_truncated) -> TrainingRow:

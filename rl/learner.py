@@ -9,6 +9,7 @@ and its DeepSpeed config in rl/optim.py.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import asdict, dataclass
@@ -23,6 +24,10 @@ from rl.optim import build_optimizer
 from rl.policy_loss import token_loss
 from rl.rows import TrainingRow
 from rl.varlen_attention import VARLEN
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm that is NaN or infinite: stepping on it would destroy the policy."""
+
 
 STAT_KEYS = ("tokens", "clipped", "entropy", "kl", "loss", "policy_loss", "mismatch_kl", "is_weight_mean")
 
@@ -42,6 +47,24 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+
+
+def _nonfinite_inputs(logp, old_logp, ref_logp, batch) -> str:
+    named = {"policy log-probs": logp, "old log-probs": old_logp, "reference log-probs": ref_logp,
+             "advantages": batch.advantages, "rollout log-probs": batch.rollout_logp}
+    bad = [name for name, t in named.items() if t is not None and not torch.isfinite(t).all()]
+    return "non-finite: " + ", ".join(bad) if bad else "its inputs are finite"
+
+
+def load_weights_only(path, map_location=None):
+    """torch.load with the restricted unpickler, allowing the few plain DeepSpeed classes that
+    its ZeRO checkpoints hold besides tensors (loss scaler, ZeRO stage enum, fragment addresses)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def free_port(address: str = "127.0.0.1") -> int:
@@ -134,6 +157,9 @@ class LearnerWorker:
                     logp, old_logp, batch.advantages, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                     kl_coef=cfg.kl_coef, ref_logp=ref_logp, is_weights=is_w, seq_weights=batch.seq_weights)
                 loss = aggregate(per_token, mask, cfg.agg, max_new_tokens=self.max_new_tokens, **counts)
+                if is_real and not torch.isfinite(loss):
+                    raise NonFiniteError(f"rank {self.rank}: the loss is {loss.item()} "
+                                         f"({_nonfinite_inputs(logp, old_logp, ref_logp, batch)})")
                 # DeepSpeed averages gradients over ranks; our shares already sum to the batch loss.
                 self.engine.backward(loss * self.world_size * float(is_real))
                 if is_real:
@@ -150,6 +176,8 @@ class LearnerWorker:
                     sums["is_weight_mean"] += mm_stats.get("is_weight_mean", 1.0) * tokens
             self.engine.step()
             grad_norms.append(float(self.engine.get_global_grad_norm() or 0.0))
+            if not math.isfinite(grad_norms[-1]):
+                raise NonFiniteError(f"rank {self.rank}: the gradient norm is {grad_norms[-1]}")
         sums = {k: v / cfg.iterations for k, v in sums.items()}
         return {**sums, "grad_norm": sum(grad_norms) / len(grad_norms), "lr": lrs[0]}
 
@@ -185,6 +213,9 @@ class LearnerWorker:
         self.engine.save_checkpoint(directory, tag=tag, client_state={"torch_rng": torch.get_rng_state()})
 
     def load_checkpoint(self, directory: str, tag: str) -> None:
+        # DeepSpeed unpickles its checkpoint files in full; ours hold only tensors and plain
+        # containers, so they load with torch's restricted (weights-only) unpickler instead.
+        self.engine.checkpoint_engine.load = load_weights_only
         _, client = self.engine.load_checkpoint(directory, tag=tag)
         if client and "torch_rng" in client:
             torch.set_rng_state(client["torch_rng"])

@@ -1,13 +1,14 @@
 """Metrics: phase timers, `metrics.jsonl`, Weights & Biases, and one progress line per step."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import wandb
+
+from rl.fileio import append_jsonl, read_jsonl, rewrite_jsonl
 
 
 class Timers:
@@ -34,7 +35,6 @@ class Tracker:
                  progress: bool = True):
         self.path = run_dir / "metrics.jsonl"
         self.stage, self.total_steps, self.progress = stage_name, total_steps, progress
-        # A resumed stage repeats the steps after its checkpoint: drop their earlier records.
         drop_records_after(self.path, stage_name, start_step)
         self.start = time.time()
         wandb_cfg = recipe.logging.wandb
@@ -49,9 +49,7 @@ class Tracker:
             print(f"[{stage_name}] W&B {mode}: {self.wandb.dir}", flush=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        record = {"stage": self.stage, "step": step, **metrics}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.path, {"stage": self.stage, "step": step, **metrics})
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if self.progress:
@@ -73,15 +71,9 @@ def progress_line(step: int, total: int, m: dict[str, float]) -> str:
 
 
 def drop_records_after(path: Path, stage: str, step: int) -> None:
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if not ((r := json.loads(line)).get("stage") == stage and r["step"] > step)]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    """A resumed stage repeats the steps after its checkpoint: drop their records (and a torn line)."""
+    rewrite_jsonl(path, lambda r: not (r.get("stage") == stage and r.get("step", 0) > step))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_jsonl(run_dir / "metrics.jsonl")

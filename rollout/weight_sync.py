@@ -11,13 +11,19 @@ from pathlib import Path
 
 import torch
 
+from rl.fileio import publish_file
 
-def _reload_from_safetensors(worker, path: str) -> None:
-    # Runs inside each vLLM worker process (collective_rpc). reload_weights goes through the
-    # model's own weight loaders, which the CPU backend needs (it repacks linear weights).
-    from safetensors.torch import load_file
 
-    worker.reload_weights(weights_iterator=iter(load_file(path).items()))
+class WeightLoader:
+    """Mixed into every vLLM worker (`worker_extension_cls`): methods the engine calls by name
+    through `collective_rpc`, so no function is pickled and vLLM's insecure serialization stays off."""
+
+    def prunerl_load_safetensors(self, path: str) -> None:
+        # reload_weights goes through the model's own weight loaders, which the CPU backend
+        # needs (it repacks linear weights).
+        from safetensors.torch import load_file
+
+        self.reload_weights(weights_iterator=iter(load_file(path).items()))
 
 
 class FileTransport:
@@ -33,9 +39,8 @@ class FileTransport:
 
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"weights-{version}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
-        tmp.replace(path)
+        with publish_file(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
         for old in self.directory.glob("weights-*.safetensors"):
             if old != path:
                 old.unlink(missing_ok=True)
@@ -43,7 +48,7 @@ class FileTransport:
 
     @staticmethod
     def receive(llm, handle: str, timeout_s: float) -> None:
-        llm.collective_rpc(_reload_from_safetensors, timeout=timeout_s, args=(handle,))
+        llm.collective_rpc("prunerl_load_safetensors", timeout=timeout_s, args=(handle,))
 
 
 TRANSPORTS = {"file": FileTransport}

@@ -1,22 +1,50 @@
-"""A vLLM engine as a Ray actor: generate G samples per prompt with per-token logprobs."""
+"""vLLM engines as Ray actors: generate G samples per prompt with per-token logprobs.
+
+Each engine actor answers a health probe while it generates (two actor threads): vLLM's engine
+core runs in a child process, and when that process dies in the middle of a generate call the
+call never returns. The group notices through the probe, replaces the engine, reloads the latest
+weights into it and regenerates that engine's prompts, without touching the learners.
+"""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 
 import ray
 
+from rl.liveness import WorkerFailure, gather
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    model_path: str
+    dtype: str
+    max_model_len: int
+    seed: int
+    num_cpus: float = 1
+    num_gpus: float = 0
+    cpu_kvcache_gib: int = 1
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.5
+    trust_remote_code: bool = False
+
 
 class RolloutWorker:
-    def __init__(self, model_path: str, dtype: str, max_model_len: int, seed: int,
-                 enforce_eager: bool = True, gpu_memory_utilization: float = 0.5):
+    def __init__(self, spec: EngineSpec):
+        import psutil
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                       enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                       enable_prefix_caching=False,
+        self.llm = LLM(model=spec.model_path, dtype=spec.dtype, max_model_len=spec.max_model_len, seed=spec.seed,
+                       enforce_eager=spec.enforce_eager, gpu_memory_utilization=spec.gpu_memory_utilization,
+                       trust_remote_code=spec.trust_remote_code, enable_prefix_caching=False,
+                       # Weight sync calls these methods by name: nothing is pickled.
+                       worker_extension_cls="rollout.weight_sync.WeightLoader",
                        # Logprobs of the distribution actually sampled (after temperature), the
                        # same quantity the learner computes from logits / temperature.
                        logprobs_mode="processed_logprobs")
+        # vLLM's engine core and its workers: processes whose death we must notice ourselves.
+        self._engine_processes = [(p, p.name()) for p in psutil.Process().children(recursive=True)
+                                  if p.name().startswith("VLLM")]
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
                  max_new_tokens: int) -> list[list[dict]]:
@@ -39,6 +67,20 @@ class RolloutWorker:
 
         TRANSPORTS[transport].receive(self.llm, handle, timeout_s)
 
+    def dead_processes(self) -> list[str]:
+        """Engine processes that are gone (runs beside a generate call: it must not touch the engine)."""
+        import psutil
+
+        dead = []
+        for proc, name in self._engine_processes:
+            try:
+                alive = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            if not alive:
+                dead.append(f"{name} (pid {proc.pid})")
+        return dead
+
     def ready(self) -> bool:
         return True
 
@@ -54,42 +96,101 @@ def _completion(c) -> dict:
 def engine_env(cpu_kvcache_gib: int) -> dict[str, str]:
     return {
         "VLLM_CPU_KVCACHE_SPACE": str(cpu_kvcache_gib),
-        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # collective_rpc ships the sync function by value
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
         "TOKENIZERS_PARALLELISM": "false",
     }
 
 
 class RolloutGroup:
-    """N engines; prompts are split across them and results come back in prompt order."""
+    """N engines; prompts are split across them and results come back in prompt order.
 
-    def __init__(self, model_path: str, dtype: str, max_model_len: int, seed: int, engines: int,
-                 num_cpus: float, num_gpus: float, cpu_kvcache_gib: int, enforce_eager: bool = True,
-                 gpu_memory_utilization: float = 0.5):
+    `liveness` is the recipe's `cluster.liveness`; an engine that dies is replaced up to
+    `max_replacements` times over the group's life.
+    """
+
+    def __init__(self, spec: EngineSpec, engines: int, liveness, max_replacements: int = 0):
+        self.spec, self.liveness, self.replacements_left = spec, liveness, max_replacements
+        self.latest_weights: tuple[str, str, float] | None = None  # (transport, handle, timeout)
+        self.restarts = [0] * engines  # per engine: how many times it was replaced (varies its seed)
+        self.workers = [self._start(i) for i in range(engines)]
+        gather([w.ready.remote() for w in self.workers], self.names, "starting rollout engines",
+               liveness.startup_timeout_s)
+
+    @property
+    def names(self) -> list[str]:
+        return [f"rollout engine {i}" for i in range(len(self.workers))]
+
+    def _start(self, index: int):
+        spec = replace(self.spec, seed=self.spec.seed + index + 1000 * self.restarts[index])
         actor = ray.remote(RolloutWorker).options(
-            num_cpus=num_cpus, num_gpus=num_gpus,
-            runtime_env={"env_vars": engine_env(cpu_kvcache_gib)})
-        self.workers = [actor.remote(model_path, dtype, max_model_len, seed + i, enforce_eager,
-                                     gpu_memory_utilization) for i in range(engines)]
-        ray.get([w.ready.remote() for w in self.workers])
+            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_concurrency=2,
+            runtime_env={"env_vars": engine_env(spec.cpu_kvcache_gib)})
+        return actor.remote(spec)
+
+    def dead_engines(self) -> dict[str, str]:
+        """{engine name: problem} for engines whose actor answers but whose vLLM processes died."""
+        refs = [w.dead_processes.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.liveness.probe_interval_s)
+        problems = {}
+        for name, ref in zip(self.names, refs):
+            if ref in ready:
+                try:
+                    dead = ray.get(ref)
+                except ray.exceptions.RayError:
+                    continue  # the actor itself is gone: the wait on its call reports that
+                if dead:
+                    problems[name] = f"{name}: vLLM process died: {', '.join(dead)}"
+        return problems
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
                  max_new_tokens: int) -> list[list[dict]]:
-        shards = [list(range(len(prompts)))[i::len(self.workers)] for i in range(len(self.workers))]
-        refs = [w.generate.remote([prompts[j] for j in shard], n, temperature, top_p, max_new_tokens)
-                for w, shard in zip(self.workers, shards) if shard]
+        k = len(self.workers)
+        shards = {i: list(range(len(prompts)))[i::k] for i in range(k) if prompts[i::k]}
+
+        def submit(i):
+            return self.workers[i].generate.remote([prompts[j] for j in shards[i]], n, temperature, top_p,
+                                                   max_new_tokens)
+
+        refs = {i: submit(i) for i in shards}
+        while True:
+            try:
+                outs = gather(list(refs.values()), [self.names[i] for i in refs], "generate",
+                              self.liveness.call_timeout_s, probe=lambda: list(self.dead_engines().values()),
+                              probe_interval_s=self.liveness.probe_interval_s)
+                break
+            except WorkerFailure as failure:
+                failed = [i for i in refs if self.names[i] in failure.workers]
+                if not failed or self.replacements_left < len(failed):
+                    raise
+                for i in failed:
+                    self._replace(i, failure)
+                    refs[i] = submit(i)
         results: list = [None] * len(prompts)
-        for shard, out in zip([s for s in shards if s], ray.get(refs)):
-            for j, completions in zip(shard, out):
+        for i, out in zip(refs, outs):
+            for j, completions in zip(shards[i], out):
                 results[j] = completions
         return results
 
+    def _replace(self, index: int, failure: WorkerFailure) -> None:
+        self.replacements_left -= 1
+        self.restarts[index] += 1
+        print(f"[rollout] {failure}; replacing {self.names[index]}", flush=True)
+        ray.kill(self.workers[index])
+        self.workers[index] = self._start(index)
+        gather([self.workers[index].ready.remote()], [self.names[index]], "restarting a rollout engine",
+               self.liveness.startup_timeout_s)
+        if self.latest_weights is not None:
+            self._load(self.latest_weights, [index])
+
     def load_weights(self, transport: str, handle: str, timeout_s: float) -> None:
-        refs = [w.load_weights.remote(transport, handle, timeout_s) for w in self.workers]
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        if pending:
-            raise TimeoutError(f"weight sync to {len(pending)} rollout engine(s) did not finish in {timeout_s}s")
-        ray.get(ready)
+        self.latest_weights = (transport, handle, timeout_s)
+        self._load(self.latest_weights, range(len(self.workers)))
+
+    def _load(self, weights: tuple[str, str, float], indices) -> None:
+        transport, handle, timeout_s = weights
+        indices = list(indices)
+        gather([self.workers[i].load_weights.remote(transport, handle, timeout_s) for i in indices],
+               [self.names[i] for i in indices], "weight sync", timeout_s)
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -4,11 +4,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_POLICY
-from launch.schema import ModelConfig, RLStage
+from launch.schema import LivenessConfig, ModelConfig, RLStage
 from rl.controller import plan_microbatches
 from rl.learner_group import LearnerGroup
 from rl.rows import TrainingRow
-from rollout.worker import RolloutGroup
+from rollout.worker import EngineSpec, RolloutGroup
 
 pytestmark = pytest.mark.slow
 MODEL = ModelConfig(path=str(TINY_POLICY), dtype="float32")
@@ -37,7 +37,7 @@ def fixed_rows(tokenizer, n=12) -> list[TrainingRow]:
 
 
 def train_once(rows, cfg: RLStage) -> dict[str, torch.Tensor]:
-    group = LearnerGroup(MODEL, cfg, total_optimizer_steps=1, seed=0)
+    group = LearnerGroup(MODEL, cfg, total_optimizer_steps=1, seed=0, liveness=LivenessConfig())
     try:
         per_rank, norm, _ = plan(rows, cfg)
         stats = group.call("train", per_rank_args=[(mbs, norm) for mbs in per_rank])
@@ -88,9 +88,8 @@ def test_weight_sync_engine_matches_learner(ray_local, tmp_path):
     cfg.learner.optim.lr, cfg.rollout.temperature = 1e-3, T
     prompts = [tokenizer(f"Question: Ann has {n} pens and gets {n + 4} more. How many pens does she have?\nAnswer:")
                ["input_ids"] for n in (3, 11, 25)]
-    rollout = RolloutGroup(str(TINY_POLICY), "float32", 256, seed=0, engines=1, num_cpus=1, num_gpus=0,
-                           cpu_kvcache_gib=1)
-    learners = LearnerGroup(MODEL, cfg, total_optimizer_steps=1, seed=0)
+    rollout = RolloutGroup(EngineSpec(str(TINY_POLICY), "float32", 256, seed=0), engines=1, liveness=LivenessConfig())
+    learners = LearnerGroup(MODEL, cfg, total_optimizer_steps=1, seed=0, liveness=LivenessConfig())
     try:
         sampled = rollout.generate(prompts, n=4, temperature=T, top_p=1.0, max_new_tokens=24)
         rows = [TrainingRow(p, c["token_ids"], c["logprobs"], 1.0 if k % 2 else -1.0)
@@ -148,7 +147,7 @@ def rewarded_answer_gains_likelihood(learner: dict, loss: dict | None = None) ->
     cfg = RLStage(name="train", learner=learner, loss=loss or {})
     cfg.learner.optim.lr = 1e-4
     rows = [TrainingRow(prompt, ids, None, 1.5 if n == 8 else -0.5) for n, ids in answers.items()]
-    group = LearnerGroup(MODEL, cfg, total_optimizer_steps=1, seed=0)
+    group = LearnerGroup(MODEL, cfg, total_optimizer_steps=1, seed=0, liveness=LivenessConfig())
     try:
         per_rank, norm, _ = plan(rows, cfg)
         stats = group.call("train", per_rank_args=[(mbs, norm) for mbs in per_rank])

@@ -1,0 +1,42 @@
+"""Can the cluster hold each stage's workers? Checked after joining Ray, before any actor starts.
+
+Ray waits silently, forever, for resources that no node has: this turns that into one line per
+problem, naming the stage's field and what the cluster offers.
+"""
+from __future__ import annotations
+
+KINDS = ("CPU", "GPU")
+
+
+def stage_demands(stage) -> list[tuple[str, int, dict[str, float]]]:
+    """(field path, count, resources of one worker) for each kind of worker a stage starts."""
+    path = f"stages.{stage.name}"
+    if stage.kind == "rl":
+        learner, rollout = stage.learner, stage.rollout
+        return [(f"{path}.learner", learner.ranks, {"CPU": learner.num_cpus_per_rank, "GPU": learner.num_gpus_per_rank}),
+                (f"{path}.rollout", rollout.engines,
+                 {"CPU": rollout.num_cpus_per_engine, "GPU": rollout.num_gpus_per_engine})]
+    if stage.kind == "eval":
+        return [(path, 1, {"CPU": stage.num_cpus, "GPU": stage.num_gpus})]
+    return []
+
+
+def resource_problems(recipe, nodes: list[dict[str, float]]) -> list[str]:
+    """nodes: each alive node's total resources (`ray.nodes()[i]["Resources"]`)."""
+    totals = {k: sum(n.get(k, 0.0) for n in nodes) for k in KINDS}
+    offer = ", ".join(f"{totals[k]:g} {k}" for k in KINDS) + f" on {len(nodes)} node(s)"
+    problems = []
+    for stage in recipe.stages:
+        demands = stage_demands(stage)
+        unplaceable = [f"{path}: each worker needs {amount:g} {kind}, but no node of the Ray cluster has that much "
+                       f"(cluster: {offer})"
+                       for path, _, worker in demands for kind, amount in worker.items()
+                       if amount > 0 and not any(n.get(kind, 0.0) >= amount for n in nodes)]
+        problems += unplaceable
+        for kind in KINDS if not unplaceable else ():
+            needed = sum(count * worker[kind] for _, count, worker in demands)
+            if needed > totals[kind]:
+                problems.append(f"stages.{stage.name}: its workers need {needed:g} {kind} together, the Ray cluster "
+                                f"has {totals[kind]:g} (cluster: {offer}); lower the per-worker resources or the "
+                                f"number of ranks/engines")
+    return problems
