@@ -35,11 +35,36 @@ class BadRow(str):
 def preflight(recipe) -> list[str]:
     """One line per problem with the recipe's local model folder and data files; empty when none."""
     problems = []
-    if _looks_local(recipe.model.path) and not (Path(recipe.model.path) / "config.json").is_file():
+    config = Path(recipe.model.path).expanduser() / "config.json"
+    if _looks_local(recipe.model.path) and not config.is_file():
         problems.append(f"model.path: no Hugging Face model folder (config.json) at {recipe.model.path}")
+    elif config.is_file():
+        problems += context_problems(recipe, config)
     for split in ("train", "eval"):
         problems += data_file_problems(f"data.{split}.path", getattr(recipe.data, split).path,
                                        recipe.data.question_key, recipe.data.answer_key)
+    return problems
+
+
+def context_problems(recipe, config: Path) -> list[str]:
+    """Prompt plus completion must fit the model's context: vLLM refuses a longer max_model_len
+    with a page of text after the engines started."""
+    try:
+        limit = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError) as e:
+        return [f"model.path: cannot read {config}: {e}"]
+    if not isinstance(limit, int):
+        return []
+    problems = []
+    for stage in recipe.stages:
+        field = {"rl": "rollout.max_new_tokens", "eval": "max_new_tokens"}.get(stage.kind)
+        if field is None:
+            continue
+        new_tokens = stage.rollout.max_new_tokens if stage.kind == "rl" else stage.max_new_tokens
+        if recipe.data.max_prompt_tokens + new_tokens > limit:
+            problems.append(f"stages.{stage.name}.{field}: data.max_prompt_tokens + {field} = "
+                            f"{recipe.data.max_prompt_tokens} + {new_tokens} exceeds the model's context of "
+                            f"{limit} tokens (max_position_embeddings in {config})")
     return problems
 
 

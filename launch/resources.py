@@ -37,6 +37,6 @@ def resource_problems(recipe, nodes: list[dict[str, float]]) -> list[str]:
             needed = sum(count * worker[kind] for _, count, worker in demands)
             if needed > totals[kind]:
                 problems.append(f"stages.{stage.name}: its workers need {needed:g} {kind} together, the Ray cluster "
-                                f"has {totals[kind]:g} (cluster: {offer}); lower the per-worker resources or the "
-                                f"number of ranks/engines")
+                                f"has {totals[kind]:g} {kind} on {len(nodes)} node(s); lower the per-worker resources "
+                                f"or the number of ranks/engines")
     return problems

@@ -86,11 +86,27 @@ class RewardPool:
         self.timeout_s = timeout_s
         self.max_chars = max_chars
         self.chunk_size = chunk_size
-        self._pool = ProcessPool(max_workers=workers, initializer=_init_worker,
-                                 context=multiprocessing.get_context(context))
+        self._workers, self._context = workers, multiprocessing.get_context(context)
+        self._start_pool()
+
+    def _start_pool(self) -> None:
+        self._pool = ProcessPool(max_workers=self._workers, initializer=_init_worker, context=self._context)
         self._pool.schedule(_noop)  # starts the workers now, so the first score() is not slower
 
     def score(self, completions: list[str], references: list[str]) -> RewardResult:
+        try:
+            return self._score(completions, references)
+        except RuntimeError as error:
+            # pebble declares the whole pool broken when a worker dies while idle (killed, OOM):
+            # start a new pool and score the batch again.
+            if self._pool.active:
+                raise
+            print(f"[rewards] the reward pool broke ({error}); starting a new one", flush=True)
+            self.close()
+            self._start_pool()
+            return self._score(completions, references)
+
+    def _score(self, completions: list[str], references: list[str]) -> RewardResult:
         if len(completions) != len(references):
             raise ValueError(f"{len(completions)} completions but {len(references)} references")
         n = len(completions)

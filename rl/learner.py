@@ -116,6 +116,10 @@ class LearnerWorker:
                                                           total_optimizer_steps)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds_config)
+        # Without ZeRO, DeepSpeed's bf16/fp16 wrapper takes one AdamW step on zero gradients while it
+        # initialises: AdamW's bias correction would then run a step ahead (the first update 0.74x).
+        if self.learner.zero_stage == 0 and optimizer.state:
+            optimizer.state.clear()
         self.ref_model = None
         if self.loss.kl_coef > 0:
             self.ref_model = load_policy(model_cfg, self.device, self.packed).eval().requires_grad_(False)

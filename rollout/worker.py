@@ -155,32 +155,35 @@ class RolloutGroup:
         while True:
             try:
                 outs = gather(list(refs.values()), [self.names[i] for i in refs], "generate",
-                              self.liveness.call_timeout_s, probe=lambda: list(self.dead_engines().values()),
+                              self.liveness.call_timeout_s, probe=self.dead_engines,
                               probe_interval_s=self.liveness.probe_interval_s)
                 break
             except WorkerFailure as failure:
-                failed = [i for i in refs if self.names[i] in failure.workers]
-                if not failed or self.replacements_left < len(failed):
-                    raise
-                for i in failed:
-                    self._replace(i, failure)
-                    refs[i] = submit(i)
+                for i in self._replace_failed(failure):
+                    if i in refs:
+                        refs[i] = submit(i)
         results: list = [None] * len(prompts)
         for i, out in zip(refs, outs):
             for j, completions in zip(shards[i], out):
                 results[j] = completions
         return results
 
-    def _replace(self, index: int, failure: WorkerFailure) -> None:
-        self.replacements_left -= 1
-        self.restarts[index] += 1
-        print(f"[rollout] {failure}; replacing {self.names[index]}", flush=True)
-        ray.kill(self.workers[index])
-        self.workers[index] = self._start(index)
-        gather([self.workers[index].ready.remote()], [self.names[index]], "restarting a rollout engine",
-               self.liveness.startup_timeout_s)
+    def _replace_failed(self, failure: WorkerFailure) -> list[int]:
+        """Replace the engines a failure names (each gets the latest weights), or re-raise it."""
+        failed = [i for i, name in enumerate(self.names) if name in failure.workers]
+        if not failed or self.replacements_left < len(failed):
+            raise failure
+        for i in failed:
+            self.replacements_left -= 1
+            self.restarts[i] += 1
+            print(f"[rollout] {failure}; replacing {self.names[i]}", flush=True)
+            ray.kill(self.workers[i])
+            self.workers[i] = self._start(i)
+        gather([self.workers[i].ready.remote() for i in failed], [self.names[i] for i in failed],
+               "restarting rollout engines", self.liveness.startup_timeout_s)
         if self.latest_weights is not None:
-            self._load(self.latest_weights, [index])
+            self._load(self.latest_weights, failed)
+        return failed
 
     def load_weights(self, transport: str, handle: str, timeout_s: float) -> None:
         self.latest_weights = (transport, handle, timeout_s)
@@ -189,8 +192,12 @@ class RolloutGroup:
     def _load(self, weights: tuple[str, str, float], indices) -> None:
         transport, handle, timeout_s = weights
         indices = list(indices)
-        gather([self.workers[i].load_weights.remote(transport, handle, timeout_s) for i in indices],
-               [self.names[i] for i in indices], "weight sync", timeout_s)
+        try:
+            gather([self.workers[i].load_weights.remote(transport, handle, timeout_s) for i in indices],
+                   [self.names[i] for i in indices], "weight sync", timeout_s, probe=self.dead_engines,
+                   probe_interval_s=self.liveness.probe_interval_s)
+        except WorkerFailure as failure:
+            self._replace_failed(failure)  # a replacement loads the latest weights itself
 
     def shutdown(self) -> None:
         for w in self.workers:
