@@ -131,10 +131,12 @@ def cmd_run(args) -> int:
     from launch.resources import resource_problems
     from rl.liveness import RunInterrupted
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `ray job stop`, kill: stop like Ctrl-C
     start, artifacts = time.time(), {}
     try:
         init_ray(recipe)
+        # `ray job stop`, kill: stop like Ctrl-C. Installed after ray.init, whose own SIGTERM
+        # handler would otherwise abort the process after ours ran.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         problems = resource_problems(recipe, [n["Resources"] for n in ray.nodes() if n["Alive"]])
         if problems:
             raise RecipeError(problems)

@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 
 from rl.fileio import write_json_atomic
-from rl.liveness import RunInterrupted, clear_stop, request_stop
+from rl.liveness import RunInterrupted, WorkerError, WorkerFailure, clear_stop, request_stop
 
 
 def topological_order(needs: dict[str, list[str]]) -> list[str]:
@@ -119,5 +119,6 @@ def _finish(stage_dir: Path, state: str, **fields) -> dict:
 
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, cause: Exception):
-        super().__init__(f"stage '{stage}' failed: {type(cause).__name__}: {cause}")
+        ours = isinstance(cause, (WorkerError, WorkerFailure))  # their message names the worker and the cause
+        super().__init__(f"stage '{stage}' failed: {cause if ours else f'{type(cause).__name__}: {cause}'}")
         self.stage = stage

@@ -114,7 +114,8 @@ class LivenessConfig(Strict):
 
 class ClusterConfig(Strict):
     address: str | None = Field(
-        None, description="Ray address; None uses RAY_ADDRESS or starts a local Ray.")
+        None, description="Ray address (`auto`: the cluster `ray start` runs on this machine); None uses "
+                          "RAY_ADDRESS, else starts a private local Ray bound to 127.0.0.1.")
     num_cpus: int | None = Field(
         None, ge=1, description="Logical CPUs of a local Ray (None: the machine's).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray (None: detected).")

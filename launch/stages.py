@@ -41,7 +41,7 @@ def run_stage(runner, recipe, name: str, run_dir: Path, inputs: dict, resume: bo
             return runner(StageContext(recipe, stage, run_dir, run_dir / name, inputs, resume or attempt > 0))
         except WorkerFailure as failure:
             if attempt == restarts:
-                raise WorkerFailure(f"{failure} (after {restarts} restart(s); cluster.max_restarts)",
-                                    failure.workers) from None
+                spent = f"after {restarts} restart(s)" if restarts else "no restart: cluster.max_restarts is 0"
+                raise WorkerFailure(f"{failure} ({spent})", failure.workers) from None
             log(f"[graph] stage '{name}': {failure}; restarting its workers from the last checkpoint "
                 f"(restart {attempt + 1} of {restarts})")

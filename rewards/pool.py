@@ -86,7 +86,7 @@ class RewardPool:
         self.timeout_s = timeout_s
         self.max_chars = max_chars
         self.chunk_size = chunk_size
-        self._workers, self._context = workers, multiprocessing.get_context(context)
+        self._workers, self._context, self._closed = workers, multiprocessing.get_context(context), False
         self._start_pool()
 
     def _start_pool(self) -> None:
@@ -94,6 +94,8 @@ class RewardPool:
         self._pool.schedule(_noop)  # starts the workers now, so the first score() is not slower
 
     def score(self, completions: list[str], references: list[str]) -> RewardResult:
+        if self._closed:
+            raise RuntimeError("the reward pool is closed")
         try:
             return self._score(completions, references)
         except RuntimeError as error:
@@ -102,7 +104,8 @@ class RewardPool:
             if self._pool.active:
                 raise
             print(f"[rewards] the reward pool broke ({error}); starting a new one", flush=True)
-            self.close()
+            self._pool.stop()
+            self._pool.join()
             self._start_pool()
             return self._score(completions, references)
 
@@ -162,6 +165,7 @@ class RewardPool:
         return True
 
     def close(self) -> None:
+        self._closed = True
         self._pool.stop()
         self._pool.join()
 

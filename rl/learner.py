@@ -100,6 +100,8 @@ class LearnerWorker:
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           LOCAL_RANK="0", WORLD_SIZE=str(world_size))
+        if master_addr.startswith("127."):  # a local run: gloo's connections stay on loopback too
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         torch.manual_seed(seed)
         self.rank, self.world_size = rank, world_size
         self.loss, self.learner = stage.loss, stage.learner
@@ -162,7 +164,7 @@ class LearnerWorker:
                     kl_coef=cfg.kl_coef, ref_logp=ref_logp, is_weights=is_w, seq_weights=batch.seq_weights)
                 loss = aggregate(per_token, mask, cfg.agg, max_new_tokens=self.max_new_tokens, **counts)
                 if is_real and not torch.isfinite(loss):
-                    raise NonFiniteError(f"rank {self.rank}: the loss is {loss.item()} "
+                    raise NonFiniteError(f"the loss is {loss.item()} "
                                          f"({_nonfinite_inputs(logp, old_logp, ref_logp, batch)})")
                 # DeepSpeed averages gradients over ranks; our shares already sum to the batch loss.
                 self.engine.backward(loss * self.world_size * float(is_real))
@@ -181,7 +183,7 @@ class LearnerWorker:
             self.engine.step()
             grad_norms.append(float(self.engine.get_global_grad_norm() or 0.0))
             if not math.isfinite(grad_norms[-1]):
-                raise NonFiniteError(f"rank {self.rank}: the gradient norm is {grad_norms[-1]}")
+                raise NonFiniteError(f"the gradient norm is {grad_norms[-1]}")
         sums = {k: v / cfg.iterations for k, v in sums.items()}
         return {**sums, "grad_norm": sum(grad_norms) / len(grad_norms), "lr": lrs[0]}
 

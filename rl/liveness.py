@@ -98,7 +98,7 @@ def get_one(ref, name: str, what: str):
         raise WorkerError(f"{what} on {name} failed: {type(cause).__name__}: {_first_line(cause)}", cause) from None
     except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
             ray.exceptions.ObjectLostError) as e:
-        raise WorkerFailure(f"{what}: {name} died ({type(e).__name__}: {_first_line(e)})", [name]) from None
+        raise WorkerFailure(f"{what}: {name} died ({type(e).__name__})", [name]) from None
 
 
 def wait_placement(pg, what: str, bundles: list[dict], timeout_s: float) -> None:

@@ -59,5 +59,5 @@ def test_checkpoint_loads_weights_only_and_nan_loss_stops(zero, dtype):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["fresh"], "AdamW took a step before training (bias correction a step ahead)"
     assert result["restored"], "the checkpoint did not restore the weights"
-    assert result["error"] == "rank 0: the loss is nan (non-finite: advantages)"
+    assert result["error"] == "the loss is nan (non-finite: advantages)"
     assert result["unchanged"], "a non-finite loss reached the weights"

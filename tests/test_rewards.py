@@ -342,3 +342,19 @@ def test_pool_close():
         assert p.score(["12", "ab"], ["", ""]).total == [1.0, 0.0]
     with pytest.raises(RuntimeError):
         p.score(["12"], [""])
+
+
+def test_pool_survives_a_worker_killed_while_idle(capsys):
+    """pebble marks the whole pool broken when an idle worker dies; the pool starts a new one."""
+    import psutil
+
+    with RewardPool([{"verifier": "gsm8k_accuracy", "weight": 1.0}], workers=2) as pool:
+        assert pool.score(["#### 5"], ["5"]).correct == [True]  # workers are up
+        me = psutil.Process()
+        workers = [p for p in me.children(recursive=True) if p.ppid() != me.pid]  # forked by the forkserver
+        assert workers
+        workers[0].kill()
+        workers[0].wait(10)
+        result = pool.score(["#### 5"] * 20, ["5"] * 20)
+        assert result.correct == [True] * 20 and result.errors == 0
+    assert "the reward pool broke" in capsys.readouterr().out
