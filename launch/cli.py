@@ -75,7 +75,7 @@ def pick_run_dir(recipe, run_dir: str | None, resume: bool) -> Path:
 
 
 def init_ray(recipe) -> None:
-    """Join cluster.address / $RAY_ADDRESS, or start a private Ray bound to loopback."""
+    """Join cluster.address / $RAY_ADDRESS, or start a private local Ray (dashboard off)."""
     import logging
 
     import ray
@@ -90,7 +90,7 @@ def init_ray(recipe) -> None:
                   "own private Ray instead (set cluster.address=auto or RAY_ADDRESS=auto to run on that one)",
                   flush=True)
         ray.init(address="local", num_cpus=recipe.cluster.num_cpus, num_gpus=recipe.cluster.num_gpus,
-                 include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+                 include_dashboard=False, **quiet)
     if not recipe.logging.worker_logs:
         logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
         print(f"[prunerl] worker logs (vLLM, DeepSpeed): {logs} on each node", flush=True)

@@ -87,11 +87,17 @@ def load_policy(model_cfg, device: torch.device, packed: bool):
 class LearnerWorker:
     """One data-parallel rank. The controller calls every method on all ranks at once."""
 
-    def rendezvous(self) -> tuple[str, int]:
-        """This node's address and a free port: rank 0's become the process group's rendezvous."""
+    def node_id(self) -> str:
         import ray
 
-        address = ray.util.get_node_ip_address()
+        return ray.get_runtime_context().get_node_id()
+
+    def rendezvous(self, loopback: bool) -> tuple[str, int]:
+        """An address of this node and a free port: rank 0's become the process group's rendezvous.
+        `loopback` (all ranks on one node) keeps the process group off the network."""
+        import ray
+
+        address = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
         return address, free_port(address)
 
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, model_cfg, stage,

@@ -35,7 +35,8 @@ class LearnerGroup:
                                   placement_group=self.pg, placement_group_bundle_index=r)
                               ).remote()
                 for r in range(world)]
-            addr, port = self.call("rendezvous", timeout_s=liveness.startup_timeout_s)[0]
+            one_node = len(set(self.call("node_id", timeout_s=liveness.startup_timeout_s))) == 1
+            addr, port = self.call("rendezvous", one_node, timeout_s=liveness.startup_timeout_s)[0]
             self.call("setup", per_rank_args=[(r, world, addr, port, model_cfg, stage, total_optimizer_steps, seed)
                                               for r in range(world)], timeout_s=liveness.startup_timeout_s)
         except BaseException:
