@@ -345,7 +345,8 @@ def test_pool_close():
 
 
 def test_pool_survives_a_worker_killed_while_idle(capsys):
-    """pebble marks the whole pool broken when an idle worker dies; the pool starts a new one."""
+    """pebble often marks the whole pool broken when an idle worker dies (the pool then starts a
+    new one and says so); either way the next batch is scored in full."""
     import psutil
 
     with RewardPool([{"verifier": "gsm8k_accuracy", "weight": 1.0}], workers=2) as pool:
@@ -355,6 +356,8 @@ def test_pool_survives_a_worker_killed_while_idle(capsys):
         assert workers
         workers[0].kill()
         workers[0].wait(10)
-        result = pool.score(["#### 5"] * 20, ["5"] * 20)
-        assert result.correct == [True] * 20 and result.errors == 0
-    assert "the reward pool broke" in capsys.readouterr().out
+        for _ in range(3):  # the broken pool is noticed on the next call
+            result = pool.score(["#### 5"] * 20, ["5"] * 20)
+            assert result.correct == [True] * 20 and result.errors == 0
+    out = capsys.readouterr().out
+    assert out == "" or "the reward pool broke" in out
