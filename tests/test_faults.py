@@ -43,12 +43,12 @@ class Run:
                 continue
         return found
 
-    def wait_for(self, condition, what: str, timeout: float = 400):
+    def wait_for(self, condition, what: str, timeout: float = 400, poll_s: float = 0.2):
         deadline = time.time() + timeout
         while not condition():
             assert self.proc.poll() is None, f"the run ended before {what}:\n{self.output()[-3000:]}"
             assert time.time() < deadline, f"no {what} within {timeout}s:\n{self.output()[-3000:]}"
-            time.sleep(0.2)
+            time.sleep(poll_s)
 
     def wait_step(self, step: int):
         self.wait_for(lambda: step in steps(self.run_dir), f"step {step}")
@@ -166,8 +166,8 @@ def test_stuck_learner_fails_within_its_deadline(tmp_path):
 def test_driver_killed_during_checkpoint_write_then_resumed(tmp_path):
     """kill -9 of the whole driver while a checkpoint is half written; a torn metrics line too."""
     run = Run(tmp_path / "run")
-    run.wait_for(lambda: (tmp_path / "run/checkpoints/train/step_000002.partial").exists(), "a checkpoint write",
-                 timeout=400)
+    partial = tmp_path / "run/checkpoints/train/step_000002.partial"
+    run.wait_for(partial.exists, "a checkpoint write", poll_s=0.002)  # it exists for well under a second
     os.killpg(run.proc.pid, signal.SIGKILL)
     run.finish()
     latest = tmp_path / "run" / "checkpoints" / "train" / "latest"
