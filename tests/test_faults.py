@@ -105,12 +105,18 @@ def expected_order(num_steps: int, prompts_per_step: int = 8, seed: int = 7) -> 
     return [sampler.next(prompts_per_step) for _ in range(num_steps)]
 
 
+def final_states(run_dir: Path) -> tuple[str, str]:
+    """(the run's state, the train stage's state) from summary.json."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return summary["state"], summary["stages"]["train"]
+
+
 def assert_completed(run: Run, code: int, out: str, num_steps: int = 4):
     assert code == 0, out[-4000:]
     assert steps(run.run_dir) == list(range(1, num_steps + 1)), out[-2000:]
     batches = [json.loads(line) for line in (run.run_dir / "train" / "batches.jsonl").read_text().splitlines()]
     assert [b["prompts"] for b in batches] == expected_order(num_steps)
-    assert json.loads((run.run_dir / "summary.json").read_text())["state"] == "succeeded"
+    assert final_states(run.run_dir) == ("succeeded", "done")
     assert "Traceback" not in out
     assert run.leftovers() == []
 
@@ -158,8 +164,7 @@ def test_stuck_learner_fails_within_its_deadline(tmp_path):
     print(f"[fault timing] stuck learner: exit {code} after {time.time() - stopped:.1f}s")
     assert code == 1 and time.time() - stopped < 90, out[-3000:]
     assert "no answer from learner rank 0 within 15s" in out and "Traceback" not in out
-    summary = json.loads((tmp_path / "run/summary.json").read_text())
-    assert summary["state"] == "failed" and summary["stages"]["train"] == "failed"
+    assert final_states(tmp_path / "run") == ("failed", "failed")
     assert run.leftovers() == []
 
 
@@ -190,8 +195,7 @@ def test_signal_stops_the_run_resumably(tmp_path, sig):
     print(f"[fault timing] {sig.name}: exit {code} after {time.time() - sent:.1f}s")
     assert code == 130 and time.time() - sent < 60, out[-3000:]
     assert "interrupted" in out and "Traceback" not in out
-    summary = json.loads((tmp_path / "run/summary.json").read_text())
-    assert summary["state"] == "interrupted" and summary["stages"]["train"] == "interrupted"
+    assert final_states(tmp_path / "run") == ("interrupted", "interrupted")
     assert run.leftovers() == []
     if sig == signal.SIGTERM:  # once is enough: resuming continues to the end
         resumed = Run(tmp_path / "run", resume=True)
@@ -207,8 +211,8 @@ def test_exploding_learning_rate_never_reports_success(tmp_path):
     print(f"[fault timing] lr 1e30: exit {code} after {time.time() - start:.1f}s from launch")
     assert code == 1, out[-3000:]
     assert "NonFiniteError" in out and "Traceback" not in out
-    summary = json.loads((tmp_path / "run/summary.json").read_text())
-    assert summary["state"] == "failed" and not (tmp_path / "run/train/model").exists()
+    assert final_states(tmp_path / "run") == ("failed", "failed")
+    assert not (tmp_path / "run/train/model").exists()
     assert run.leftovers() == []
 
 
