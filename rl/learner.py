@@ -169,15 +169,16 @@ class LearnerWorker:
                     logp, old_logp, batch.advantages, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                     kl_coef=cfg.kl_coef, ref_logp=ref_logp, is_weights=is_w, seq_weights=batch.seq_weights)
                 loss = aggregate(per_token, mask, cfg.agg, max_new_tokens=self.max_new_tokens, **counts)
-                if is_real and not torch.isfinite(loss):
-                    raise NonFiniteError(f"the loss is {loss.item()} "
+                loss_value = loss.item() if is_real else 0.0  # one host sync, also feeds the stats
+                if not math.isfinite(loss_value):
+                    raise NonFiniteError(f"the loss is {loss_value} "
                                          f"({_nonfinite_inputs(logp, old_logp, ref_logp, batch)})")
                 # DeepSpeed averages gradients over ranks; our shares already sum to the batch loss.
                 self.engine.backward(loss * self.world_size * float(is_real))
                 if is_real:
                     tokens = mask.sum().item()
                     sums["tokens"] += tokens
-                    sums["loss"] += loss.item()
+                    sums["loss"] += loss_value
                     sums["policy_loss"] += aggregate(stats["policy"], mask, cfg.agg, max_new_tokens=self.max_new_tokens,
                                                      **counts).item()
                     sums["clipped"] += (stats["clipped"].float() * mask).sum().item()

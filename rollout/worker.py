@@ -113,8 +113,12 @@ class RolloutGroup:
         self.latest_weights: tuple[str, str, float] | None = None  # (transport, handle, timeout)
         self.restarts = [0] * engines  # per engine: how many times it was replaced (varies its seed)
         self.workers = [self._start(i) for i in range(engines)]
-        gather([w.ready.remote() for w in self.workers], self.names, "starting rollout engines",
-               liveness.startup_timeout_s)
+        try:
+            gather([w.ready.remote() for w in self.workers], self.names, "starting rollout engines",
+                   liveness.startup_timeout_s)
+        except BaseException:  # the caller gets no group to shut down: stop the engines here
+            self.shutdown()
+            raise
 
     @property
     def names(self) -> list[str]:

@@ -1,4 +1,6 @@
 """Real Ray + real vLLM (CPU) + real DeepSpeed (gloo) on the shipped tiny policy."""
+import time
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -190,3 +192,18 @@ def test_tokens_without_engine_logprobs_get_mismatch_ratio_one(ray_local):
     exp(logπ_old − 0) ≈ 0 (masked out, which would leave no policy gradient at all)."""
     stats = rewarded_answer_gains_likelihood({"ranks": 1}, {"mismatch": {"mode": "mis", "c_min": 0.5}})
     assert stats["is_weight_mean"] == pytest.approx(stats["tokens"])  # summed per token: weight 1 each
+
+
+def test_engines_that_miss_their_start_deadline_are_stopped(ray_local):
+    """A group whose engines are not ready in time raises and stops them: the CPU an engine holds
+    comes back (a stage restart would otherwise wait on it)."""
+    from rl.liveness import WorkerFailure
+
+    free_before = ray_local.available_resources().get("CPU", 0)
+    with pytest.raises(WorkerFailure, match="starting rollout engines: no answer from rollout engine 0 within 0.5s"):
+        RolloutGroup(EngineSpec(str(TINY_POLICY), "float32", 256, seed=0, num_cpus=1), engines=1,
+                     liveness=LivenessConfig(startup_timeout_s=0.5))
+    deadline = time.time() + 20
+    while ray_local.available_resources().get("CPU", 0) < free_before and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_local.available_resources().get("CPU", 0) == free_before
