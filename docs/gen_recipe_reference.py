@@ -164,7 +164,7 @@ def _table(path: str, cls: type[BaseModel], kinds=()) -> tuple[list[str], list[t
     rows = ["| field | type | default | description |", "|---|---|---|---|"]
     children = []
     for name, field in cls.model_fields.items():
-        dotted = f"{path}.{name}" if path else name
+        dotted = f"{path}.{field.alias or name}" if path else (field.alias or name)
         if kinds and dotted == "stages":  # the discriminated union: one section per kind, below
             kind = "list of stages, by `kind`: " + ", ".join(
                 f"[`{k}`](#{_kind_anchor(k, c)})" for k, c in kinds)

@@ -58,7 +58,8 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 
 class Strict(BaseModel):
     # allow_inf_nan=False: `.inf`/`.nan` in any float field is an error naming that field.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              validate_by_name=True, serialize_by_alias=True)
 
 
 # ---------------------------------------------------------------- model and data
@@ -188,8 +189,13 @@ class LossConfig(Strict):
 
 
 class WeightSyncConfig(Strict):
-    transport: Literal["file"] = Field(
-        "file", description="How weights reach the engines: `file` (safetensors + reload_weights).")
+    transport: Literal["file", "collective"] = Field(
+        "file", description="How weights reach the engines: `file` (learner rank 0 writes safetensors that every "
+                            "engine reloads; one node or a shared filesystem) or `collective` (learner rank 0 "
+                            "broadcasts them over a process group with the engines' vLLM workers: gloo on CPU, "
+                            "NCCL on GPU; learners and engines on the same kind of device).")
+    bucket_mb: float = Field(
+        256, gt=0, description="collective: the most weight data flattened into one broadcast.")
     timeout_s: float = Field(300, gt=0)
 
 
@@ -205,6 +211,13 @@ class RolloutConfig(Strict):
     cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for CPU engines.")
     enforce_eager: bool = True
     weight_sync: WeightSyncConfig = WeightSyncConfig()
+    async_: bool = Field(
+        False, alias="async",
+        description="One-step-off pipeline: the engines generate step t+1 while the learners train on step t "
+                    "(samples are then one policy version old; loss.mismatch defaults to tis).")
+    max_staleness: int = Field(
+        1, ge=1, description="With async: the most policy versions a trained sample may lag the learner; "
+                             "weights reach the engines only when the next rollouts would lag more.")
 
 
 class OptimConfig(Strict):
@@ -402,6 +415,9 @@ class RLStage(StageBase):
         if self.loss.agg == "bnpo" and "dppo" in (c.method, self.selection.prompts.method):
             raise ValueError("loss.agg: 'bnpo' normalises each micro-batch by its own tokens, so DPPO's 1/(1-p) "
                              "reweighting is not unbiased under it; use grpo, dr_grpo or dapo")
+        if self.rollout.async_ and "mode" not in self.loss.mismatch.model_fields_set:
+            # Off-policy samples: correct with the engine's log-probs unless the recipe says otherwise.
+            self.loss.mismatch = self.loss.mismatch.model_copy(update={"mode": "tis"})
         if self.rollout.top_p < 1 and self.loss.mismatch.mode != "none":
             raise ValueError("rollout.top_p < 1 with loss.mismatch: vLLM's log-probs are renormalised over the "
                              "nucleus while the learner scores the full softmax, so the mismatch weights would "

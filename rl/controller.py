@@ -1,7 +1,8 @@
 """The RL stage: one controller that reads like single-process code.
 
 draw -> prune prompts -> generate -> score -> advantages (full group) -> select completions ->
-pack -> train -> sync -> log.
+pack -> train -> sync -> log. With `rollout.async`, step t+1's generation is submitted before
+step t trains (see rl/rollouts.py).
 The distribution lives behind RolloutGroup (vLLM engines) and LearnerGroup (DeepSpeed ranks).
 """
 from __future__ import annotations
@@ -20,9 +21,11 @@ from rl.fileio import append_jsonl
 from rl.learner import LossNormaliser
 from rl.learner_group import LearnerGroup
 from rl.liveness import check_stop
+from rl.rollouts import RolloutScheduler
 from rl.rows import TrainingRow
 from rl.selection import Selector
 from rl.tracking import Timers, Tracker, drop_records_after
+from rl._tmp_sync import WeightSync
 from rollout.worker import EngineSpec, RolloutGroup
 
 
@@ -34,29 +37,35 @@ def run_rl_stage(ctx) -> dict:
     total_steps = cfg.steps or max(1, len(prompts) // drawn)
     sampler = PromptSampler(len(prompts), recipe.seed)
     ckpts = CheckpointManager(ctx.run_dir / "checkpoints" / cfg.name, cfg.checkpoint.keep_last)
-    timers, sync = Timers(), cfg.rollout.weight_sync
+    timers, one_step_off = Timers(), cfg.rollout.async_
 
     with ExitStack() as cleanup:
-        learners = LearnerGroup(recipe.model, cfg, total_steps * cfg.loss.iterations, recipe.seed,
-                                recipe.cluster.liveness)
-        cleanup.callback(learners.shutdown)
-        start_step, engine_weights = 0, recipe.model.path
+        start_step, engine_weights, state = 0, recipe.model.path, None
         resume_from = ckpts.latest() if ctx.resume else None
         if resume_from is not None:
             state = ckpts.state(resume_from)
-            learners.call("load_checkpoint", str(resume_from / "deepspeed"), "state")
             sampler.load_state_dict(state["sampler"])
             selector.load_state_dict(state.get("selection", {}))
             start_step, engine_weights = state["step"], str(resume_from / "hf")
-            print(f"[{cfg.name}] resumed from {resume_from} (step {start_step})", flush=True)
-        rollout = RolloutGroup(engine_spec(recipe, recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-                                           recipe.seed + 7919 * start_step,  # a resumed run does not replay step 1's samples
-                                           engine_weights, cfg.rollout),
+        # Engines, learners and the reward pool start together; the engines take longest.
+        engines = RolloutGroup(engine_spec(recipe, recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                                           recipe.seed, engine_weights, cfg.rollout),
                                cfg.rollout.engines, recipe.cluster.liveness, max_replacements=recipe.cluster.max_restarts)
-        cleanup.callback(rollout.shutdown)
+        cleanup.callback(engines.shutdown)
         reward_pool = cleanup.enter_context(
             RewardPool([t.model_dump() for t in cfg.rewards.terms], cfg.rewards.workers, cfg.rewards.timeout_s,
                        max_chars=cfg.rewards.max_chars or max_chars_for(cfg.rollout.max_new_tokens)))
+        learners = LearnerGroup(recipe.model, cfg, total_steps * cfg.loss.iterations, recipe.seed,
+                                recipe.cluster.liveness)
+        cleanup.callback(learners.shutdown)
+        if resume_from is not None:
+            learners.call("load_checkpoint", str(resume_from / "deepspeed"), "state")
+            print(f"[{cfg.name}] resumed from {resume_from} (step {start_step})", flush=True)
+        engines.wait_ready()
+        weights = WeightSync(cfg.rollout.weight_sync, learners, engines, ctx.stage_dir / "weights")
+        cleanup.callback(weights.close)
+        rollouts = RolloutScheduler(engines, sampler, selector, prompts, drawn, cfg.rollout, cfg.group_size,
+                                    recipe.seed, policy_version=start_step)
         tracker = Tracker(ctx.run_dir, recipe, cfg.name, total_steps, start_step, recipe.logging.progress)
         cleanup.callback(tracker.close)
         batch_log = ctx.stage_dir / "batches.jsonl"  # which prompts each step drew: the data order
@@ -66,41 +75,48 @@ def run_rl_stage(ctx) -> dict:
         for step in range(start_step + 1, total_steps + 1):
             check_stop()
             with timers("step"):
-                batch = sampler.next(drawn)
-                kept_prompts, prompt_weights = selector.prune_prompts(step, batch)  # DPPO: from history
-                generated = [batch[k] for k in kept_prompts]
-                with timers("rollout"):
-                    groups = rollout.generate([prompts[i] for i in generated], G, cfg.rollout.temperature,
-                                              cfg.rollout.top_p, cfg.rollout.max_new_tokens)
+                with timers("rollout"):  # one-step-off: only the part of generation training did not hide
+                    r, groups = rollouts.take(step)
                 completions = [c for group in groups for c in group]
                 with timers("reward"):
                     scored = reward_pool.score([c["text"] for c in completions],
-                                               [references[i] for i in generated for _ in range(G)])
+                                               [references[i] for i in r.generated for _ in range(G)])
                 rewards = torch.tensor(scored.total)
                 advantages = group_advantages(rewards, G, cfg.advantage.scale, cfg.advantage.eps)
-                selector.record(generated, rewards)
-                rows = [training_row(prompts[generated[j // G]], c, advantages[j].item(), cfg.loss.mask_truncated)
+                selector.record(r.generated, rewards)
+                if one_step_off and step < total_steps:
+                    if rollouts.needs_weights(learner_version=step - 1):
+                        with timers("weight_sync"):
+                            push_weights(weights, rollouts, step - 1)
+                    rollouts.submit(step + 1)  # generates while the learners train on this step
+                rows = [training_row(prompts[r.generated[j // G]], c, advantages[j].item(), cfg.loss.mask_truncated)
                         for j, c in enumerate(completions)]
-                train_rows, chosen = selector.completions(step, rows, prompt_weights, len(batch))
+                train_rows, chosen = selector.completions(step, rows, r.prompt_weights, len(r.batch))
                 with timers("pack"):
                     per_rank, norm, pad_frac = plan_microbatches(train_rows, chosen.num_seqs, chosen.num_tokens,
                                                                  cfg.learner, cfg.packing)
                 with timers("train"):
                     stats = learners.call("train", per_rank_args=[(mbs, norm) for mbs in per_rank])
-                with timers("weight_sync"):
-                    handles = learners.call("publish_weights", sync.transport, str(ctx.stage_dir / "weights"), step)
-                    rollout.load_weights(sync.transport, handles[0], sync.timeout_s)
-            tracker.log(step, step_metrics(scored, completions, train_rows, len(batch) * G,
-                                           len(batch) - len(generated), stats, pad_frac, timers.pop()))
-            append_jsonl(batch_log, {"stage": cfg.name, "step": step, "prompts": batch, "generated": generated})
+                if not one_step_off:
+                    with timers("weight_sync"):
+                        push_weights(weights, rollouts, step)
+            tracker.log(step, {**step_metrics(scored, completions, train_rows, len(r.batch) * G,
+                                              len(r.batch) - len(r.kept), stats, pad_frac, timers.pop()),
+                               "rollout/staleness": step - 1 - r.policy_version})
+            append_jsonl(batch_log, {"stage": cfg.name, "step": step, "prompts": r.batch, "generated": r.generated})
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
                 with timers("checkpoint"):
-                    save_checkpoint(ckpts, learners, step, {"sampler": sampler.state_dict(),
+                    save_checkpoint(ckpts, learners, step, {"sampler": r.sampler_state,
                                                             "selection": selector.state_dict()}, recipe.model.path)
 
         final = ctx.stage_dir / "model"
         learners.call("save_hf", str(final), recipe.model.path)
     return {"model": str(final), "steps": total_steps}
+
+
+def push_weights(weights: WeightSync, rollouts: RolloutScheduler, version: int) -> None:
+    weights.push(version)
+    rollouts.policy_version = version
 
 
 def engine_spec(recipe, max_model_len: int, seed: int, model_path: str, rollout_cfg) -> EngineSpec:

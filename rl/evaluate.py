@@ -10,7 +10,7 @@ from rollout.worker import EngineSpec, RolloutGroup
 def evaluate_model(model_path: str, recipe, cfg, prompts: list[list[int]], references: list[str]) -> dict:
     spec = EngineSpec(model_path, recipe.model.dtype, recipe.data.max_prompt_tokens + cfg.max_new_tokens, recipe.seed,
                       cfg.num_cpus, cfg.num_gpus, cfg.cpu_kvcache_gib, trust_remote_code=recipe.model.trust_remote_code)
-    engine = RolloutGroup(spec, 1, recipe.cluster.liveness, max_replacements=recipe.cluster.max_restarts)
+    engine = RolloutGroup(spec, 1, recipe.cluster.liveness, max_replacements=recipe.cluster.max_restarts).wait_ready()
     try:
         outputs = engine.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens)
     finally:

@@ -92,6 +92,7 @@ def test_weight_sync_engine_matches_learner(ray_local, tmp_path):
                ["input_ids"] for n in (3, 11, 25)]
     rollout = RolloutGroup(EngineSpec(str(TINY_POLICY), "float32", 256, seed=0), engines=1, liveness=LivenessConfig())
     learners = LearnerGroup(MODEL, cfg, total_optimizer_steps=1, seed=0, liveness=LivenessConfig())
+    rollout.wait_ready()
     try:
         sampled = rollout.generate(prompts, n=4, temperature=T, top_p=1.0, max_new_tokens=24)
         rows = [TrainingRow(p, c["token_ids"], c["logprobs"], 1.0 if k % 2 else -1.0)
@@ -202,7 +203,7 @@ def test_engines_that_miss_their_start_deadline_are_stopped(ray_local):
     free_before = ray_local.available_resources().get("CPU", 0)
     with pytest.raises(WorkerFailure, match="starting rollout engines: no answer from rollout engine 0 within 0.5s"):
         RolloutGroup(EngineSpec(str(TINY_POLICY), "float32", 256, seed=0, num_cpus=1), engines=1,
-                     liveness=LivenessConfig(startup_timeout_s=0.5))
+                     liveness=LivenessConfig(startup_timeout_s=0.5)).wait_ready()
     deadline = time.time() + 20
     while ray_local.available_resources().get("CPU", 0) < free_before and time.time() < deadline:
         time.sleep(0.5)
