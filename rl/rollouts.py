@@ -67,6 +67,10 @@ class RolloutScheduler:
         return rollouts, groups
 
     def needs_weights(self, learner_version: int) -> bool:
-        """Whether the next submission must get newer weights first: its samples will be trained once
-        the learner is one version further on, and may then lag by at most `max_staleness`."""
-        return learner_version + 1 - self.policy_version > self.cfg.max_staleness
+        return weights_due(learner_version, self.policy_version, self.cfg.max_staleness)
+
+
+def weights_due(learner_version: int, engine_version: int, max_staleness: int) -> bool:
+    """Whether the engines need newer weights before the next submission: its samples are trained
+    once the learner is one version further on, and may then lag it by at most `max_staleness`."""
+    return learner_version + 1 - engine_version > max_staleness

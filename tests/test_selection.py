@@ -181,3 +181,20 @@ def test_dppo_weighted_gradient_is_unbiased(deterministic):
         stderr = grads.std(0) / trials ** 0.5
         assert (error <= 4 * stderr + 1e-6).all(), f"bias {error} vs standard error {stderr}"
         assert grads.std(0).max() > 0, "the selection should be random"
+
+
+@pytest.mark.parametrize("max_staleness", [1, 2, 3])
+def test_one_step_off_schedule_bounds_staleness(max_staleness):
+    """The async loop at step t: push weights if due (the learner holds version t-1), submit step t+1,
+    train step t. Every trained sample lags by at most max_staleness, and pushes are as rare as that allows."""
+    from rl.rollouts import weights_due
+
+    engine_version, sampled_with, pushes, lags = 0, {1: 0}, [], []
+    for step in range(1, 31):
+        if weights_due(step - 1, engine_version, max_staleness):
+            engine_version = step - 1
+            pushes.append(step)
+        sampled_with[step + 1] = engine_version
+        lags.append((step - 1) - sampled_with[step])  # the learner trains step t from version t-1
+    assert min(lags) >= 0 and max(lags) == max_staleness
+    assert pushes == list(range(max_staleness + 1, 31, max_staleness))
