@@ -8,6 +8,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -128,12 +129,17 @@ def cmd_run(args) -> int:
     import ray
 
     from launch.graph import StageFailed, run_graph
+    from launch.stages import preload_runners
     from launch.resources import resource_problems
     from rl.liveness import RunInterrupted
 
     start, artifacts = time.time(), {}
     try:
+        # The stage runners' imports (torch, transformers, datasets: ~10 s) overlap Ray's start.
+        preload = threading.Thread(target=preload_runners, args=(recipe,), daemon=True)
+        preload.start()
         init_ray(recipe)
+        preload.join()
         # `ray job stop`, kill: stop like Ctrl-C. Installed after ray.init, whose own SIGTERM
         # handler would otherwise abort the process after ours ran.
         signal.signal(signal.SIGTERM, _raise_interrupt)

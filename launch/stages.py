@@ -24,6 +24,16 @@ class StageContext:
     resume: bool
 
 
+def preload_runners(recipe) -> None:
+    """Import every stage kind's runner module ahead of `run_graph` (from one thread: see
+    load_runner). A failing import is left for `load_runner` to raise in the main thread."""
+    for stage in recipe.stages:
+        try:
+            importlib.import_module(STAGE_RUNNERS[stage.kind].partition(":")[0])
+        except Exception:  # noqa: BLE001 - raised again, with its traceback, by load_runner
+            pass
+
+
 def load_runner(kind: str):
     """Import a kind's runner. Call from the main thread: concurrent first imports of
     transformers' lazy modules from stage threads fail ("cannot import name AutoTokenizer")."""

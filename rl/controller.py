@@ -31,34 +31,32 @@ from rollout.worker import EngineSpec, RolloutGroup
 
 def run_rl_stage(ctx) -> dict:
     recipe, cfg = ctx.recipe, ctx.stage
-    prompts, references = load_problems(recipe, "train")
-    selector = Selector(cfg.selection, cfg.group_size, recipe.seed)
-    drawn = selector.prompts_per_step(cfg.prompts_per_step)  # CPPO's allocation draws more
-    total_steps = cfg.steps or max(1, len(prompts) // drawn)
-    sampler = PromptSampler(len(prompts), recipe.seed)
     ckpts = CheckpointManager(ctx.run_dir / "checkpoints" / cfg.name, cfg.checkpoint.keep_last)
     timers, one_step_off = Timers(), cfg.rollout.async_
 
     with ExitStack() as cleanup:
-        start_step, engine_weights, state = 0, recipe.model.path, None
         resume_from = ckpts.latest() if ctx.resume else None
-        if resume_from is not None:
-            state = ckpts.state(resume_from)
-            sampler.load_state_dict(state["sampler"])
-            selector.load_state_dict(state.get("selection", {}))
-            start_step, engine_weights = state["step"], str(resume_from / "hf")
-        # Engines, learners and the reward pool start together; the engines take longest.
-        engines = RolloutGroup(engine_spec(recipe, recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-                                           recipe.seed, engine_weights, cfg.rollout),
+        state = ckpts.state(resume_from) if resume_from is not None else {"step": 0}
+        start_step = state["step"]
+        # Engines, the reward pool and the learners start together; the engines take longest.
+        engines = RolloutGroup(engine_spec(recipe, recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens, recipe.seed,
+                                           str(resume_from / "hf") if resume_from else recipe.model.path, cfg.rollout),
                                cfg.rollout.engines, recipe.cluster.liveness, max_replacements=recipe.cluster.max_restarts)
         cleanup.callback(engines.shutdown)
         reward_pool = cleanup.enter_context(
             RewardPool([t.model_dump() for t in cfg.rewards.terms], cfg.rewards.workers, cfg.rewards.timeout_s,
                        max_chars=cfg.rewards.max_chars or max_chars_for(cfg.rollout.max_new_tokens)))
+        prompts, references = load_problems(recipe, "train")
+        selector = Selector(cfg.selection, cfg.group_size, recipe.seed)
+        drawn = selector.prompts_per_step(cfg.prompts_per_step)  # CPPO's allocation draws more
+        total_steps = cfg.steps or max(1, len(prompts) // drawn)
+        sampler = PromptSampler(len(prompts), recipe.seed)
         learners = LearnerGroup(recipe.model, cfg, total_steps * cfg.loss.iterations, recipe.seed,
                                 recipe.cluster.liveness)
         cleanup.callback(learners.shutdown)
         if resume_from is not None:
+            sampler.load_state_dict(state["sampler"])
+            selector.load_state_dict(state.get("selection", {}))
             learners.call("load_checkpoint", str(resume_from / "deepspeed"), "state")
             print(f"[{cfg.name}] resumed from {resume_from} (step {start_step})", flush=True)
         engines.wait_ready()
