@@ -265,3 +265,17 @@ def test_split_properties(seed):
     loads = [load(lengths, r) for r in per_rank]
     cost = [sum(lengths[i] for i in b) for b in batches]
     assert max(loads) - min(loads) <= max(cost), "greedy to the lightest rank stays within one micro-batch"
+
+
+def test_engines_get_shares_balanced_by_expected_tokens():
+    from rollout.worker import balance
+
+    costs = [900, 100, 100, 100, 100, 100, 100, 100, 100, 100]
+    shards = balance(costs, 2)
+    # By count this would be 5 + 5 prompts (1300 vs 500 tokens); by tokens the long prompt is alone.
+    assert shards == [[0], list(range(1, 10))]
+    assert sorted(j for shard in shards for j in shard) == list(range(10))
+    uneven = [37, 5, 12, 80, 44, 9, 61, 3]
+    loads = [sum(uneven[j] for j in shard) for shard in balance(uneven, 3)]
+    assert sorted(loads) == [82, 84, 85]  # 251 tokens over 3 engines: the best split is 83.7 each
+    assert balance([5, 5], 4) == [[0], [1], [], []]
