@@ -25,7 +25,7 @@ from rl.rollouts import RolloutScheduler
 from rl.rows import TrainingRow
 from rl.selection import Selector
 from rl.tracking import Timers, Tracker, drop_records_after
-from rl._tmp_sync import WeightSync
+from rollout.weight_sync import WeightSync
 from rollout.worker import EngineSpec, RolloutGroup
 
 

@@ -84,6 +84,13 @@ def load_policy(model_cfg, device: torch.device, packed: bool):
     return model.to(device)
 
 
+def _gathered(tensor: torch.Tensor):
+    """A ZeRO-3 parameter gathered whole for the duration of the block (collective over the ranks)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([tensor], enabled=hasattr(tensor, "ds_id"))
+
+
 class LearnerWorker:
     """One data-parallel rank. The controller calls every method on all ranks at once."""
 
@@ -211,6 +218,40 @@ class LearnerWorker:
 
         state = self.full_state_dict()
         return TRANSPORTS[transport](directory).publish(state, version) if state is not None else None
+
+    def open_weight_group(self, address: str, port: int, world_size: int, device_type: str, bucket_mb: float,
+                          timeout_s: float) -> None:
+        """Collective weight sync (rollout/weight_sync.py): rank 0 hosts a group with the engines'
+        vLLM workers and posts the bucket plan; every rank keeps the plan (ZeRO-3 gathers need all)."""
+        from rollout.weight_sync import WeightGroup, plan_buckets
+
+        self.close_weight_group()
+        if device_type != self.device.type:
+            raise ValueError(f"collective weight sync: the learners run on {self.device.type}, the engines on "
+                             f"{device_type}; use the file transport")
+        self.weight_buckets = plan_buckets(
+            [(name, getattr(t, "ds_shape", t.shape), t.dtype) for name, t in self._weight_tensors().items()],
+            int(bucket_mb * 2**20))
+        if self.rank == 0:
+            self.weight_group = WeightGroup(address, port, 0, world_size, timeout_s, self.device, address)
+            self.weight_group.post_plan(self.weight_buckets)
+
+    def send_weights(self) -> None:
+        """Broadcast the weights to the engines, one parameter gathered at a time. Collective: call on
+        every rank."""
+        from rollout.weight_sync import send_buckets
+
+        send_buckets(self.weight_buckets, self._weight_tensors(), _gathered, self.weight_group, self.device)
+
+    def close_weight_group(self) -> None:
+        if getattr(self, "weight_group", None) is not None:
+            self.weight_group.close()
+        self.weight_group = None
+
+    def _weight_tensors(self) -> dict[str, torch.Tensor]:
+        # The state dict's parameters themselves (partitioned under ZeRO-3), with the tied output
+        # head under its own name, as in `full_state_dict`.
+        return self.engine.module.state_dict(keep_vars=True)
 
     def save_hf(self, directory: str, tokenizer_path: str) -> None:
         """A Hugging Face folder (safetensors + config + tokenizer) loadable by vLLM and transformers."""
