@@ -41,7 +41,7 @@ def pipeline_table(arms: list[str], steps: int, seed: int, eval_n: int, work: Pa
     runs = {}
     for arm in arms:
         print(f"[pipeline] {arm}", flush=True)
-        run = common.run_prunerl(ARMS[arm], steps, seed, eval_n, work / arm)
+        run = common.run_prunerl(ARMS[arm], steps, seed, eval_n or 8, work / arm)  # the recipe's eval needs >= 1
         if "error" in run:
             raise SystemExit(f"[pipeline] {arm} failed: {run['error']}")
         run["eval"] = common.greedy_accuracy(run["model"], eval_n) if eval_n else None
@@ -97,8 +97,9 @@ def sync_table(sizes: list[str], pushes: int, work: Path) -> list[str]:
     from rollout.worker import EngineSpec, RolloutGroup
 
     lines = [f"Part 2: seconds per weight push (mean of {pushes}), one learner rank and one engine on CPU, "
-             "and as a share of one RL step (4 prompts × G 4, 32 new tokens: generate + train) at that size.", "",
-             "| model | parameters | file s | collective s | collective vs file | RL step s | file % of step "
+             "and as a share of one RL step (4 prompts × G 4, 32 new tokens: generate + train; the first on "
+             "these workers, so it includes first-call costs) at that size.", "",
+             "| model | weights sent (elements; a tied head twice) | file s | collective s | collective vs file | RL step s | file % of step "
              "| collective % of step |", "|---|---|---|---|---|---|---|---|"]
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     try:

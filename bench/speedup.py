@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     work.mkdir(parents=True)
     base = yaml.safe_load(common.QUICKSTART.read_text())
     base["data"]["train"]["limit"] = args.train_limit
+    for stage in base["stages"]:  # the arms compare selection and packing on the synchronous loop
+        if stage["kind"] == "rl":
+            stage["rollout"].update(common.SYNC)
     common.QUICKSTART = work / "quickstart_limited.yaml"  # the recipe every arm patches
     common.QUICKSTART.write_text(yaml.safe_dump(base, sort_keys=False))
 

@@ -35,13 +35,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `rewards` for the verifier (run from anywhere)
 
 # prunerl arms: a patch deep-merged into the train stage of recipes/quickstart.yaml. One line per arm.
+# Synchronous arms (generate, then train) are the on-policy loop TRL runs; `grpo-async` is the
+# quickstart as shipped (one-step-off rollouts, collective weight sync).
+SYNC = {"async": False, "weight_sync": {"transport": "file"}}
 ARMS: dict[str, dict] = {
-    "grpo": {"algorithm": "grpo"},
+    "grpo": {"algorithm": "grpo", "rollout": SYNC},
     # Rollout and training alternate, so two 1-CPU actors keep one core busy at a time; these give
     # each actor both cores (Ray sets its OMP threads to 2), as TRL's one process has.
-    "grpo-2cpu": {"algorithm": "grpo", "rollout": {"num_cpus_per_engine": 2}, "learner": {"num_cpus_per_rank": 2}},
+    "grpo-2cpu": {"algorithm": "grpo", "rollout": {**SYNC, "num_cpus_per_engine": 2}, "learner": {"num_cpus_per_rank": 2}},
     "cppo-0.875-2cpu": {"algorithm": "cppo", "selection": {"completions": {"method": "cppo", "rate": 0.875}},
-                        "rollout": {"num_cpus_per_engine": 2}, "learner": {"num_cpus_per_rank": 2}},
+                        "rollout": {**SYNC, "num_cpus_per_engine": 2}, "learner": {"num_cpus_per_rank": 2}},
+    "grpo-async": {"algorithm": "grpo"},
 }
 TRL_VERSION = "1.16.0"
 TRL = "trl"  # the TRL GRPOTrainer arm's name in --arms
