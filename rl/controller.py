@@ -82,11 +82,12 @@ def run_rl_stage(ctx) -> dict:
                 rewards = torch.tensor(scored.total)
                 advantages = group_advantages(rewards, G, cfg.advantage.scale, cfg.advantage.eps)
                 selector.record(r.generated, rewards)
-                if one_step_off and step < total_steps:
-                    if rollouts.needs_weights(learner_version=step - 1):
-                        with timers("weight_sync"):
+                if one_step_off:
+                    with timers("weight_sync"):  # logged every step: 0 when no push is due
+                        if step < total_steps and rollouts.needs_weights(learner_version=step - 1):
                             push_weights(weights, rollouts, step - 1)
-                    rollouts.submit(step + 1)  # generates while the learners train on this step
+                    if step < total_steps:
+                        rollouts.submit(step + 1)  # generates while the learners train on this step
                 rows = [training_row(prompts[r.generated[j // G]], c, advantages[j].item(), cfg.loss.mask_truncated)
                         for j, c in enumerate(completions)]
                 train_rows, chosen = selector.completions(step, rows, r.prompt_weights, len(r.batch))
