@@ -240,7 +240,16 @@ class LearnerConfig(Strict):
         2048, ge=1, description="Completion tokens per chunk of the output head: bounds the [tokens, vocab] "
                                 "logits held at once (each chunk is recomputed in backward).")
     gradient_checkpointing: bool = False
+    offload_optimizer: bool = Field(
+        False, description="ZeRO 1-3: the fp32 master weights and AdamW state live in CPU memory and the "
+                           "optimizer steps there (torch AdamW), freeing ~12 bytes per parameter on the GPU.")
     optim: OptimConfig = OptimConfig()
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer)")
+        return self
 
 
 VERIFIER_OPTIONS = {"gsm8k_accuracy": {"exact_score", "equivalent_score"}, "format": {"pattern"}}

@@ -128,7 +128,7 @@ class LearnerWorker:
             model.gradient_checkpointing_enable()
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         optimizer, scheduler, ds_config = build_optimizer(model, self.learner.optim, self.learner.zero_stage,
-                                                          total_optimizer_steps)
+                                                          total_optimizer_steps, self.learner.offload_optimizer)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds_config)
         # Without ZeRO, DeepSpeed's bf16/fp16 wrapper takes one AdamW step on zero gradients while it

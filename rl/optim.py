@@ -37,7 +37,7 @@ class NormReportingAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model, optim, zero_stage: int, total_optimizer_steps: int):
+def build_optimizer(model, optim, zero_stage: int, total_optimizer_steps: int, offload_optimizer: bool = False):
     """(optimizer, LR scheduler, DeepSpeed config) for an `OptimConfig`."""
     adamw = {"lr": optim.lr, "betas": tuple(optim.betas), "weight_decay": optim.weight_decay, "eps": optim.eps}
     optimizer = (NormReportingAdamW(model.parameters(), optim.grad_clip, **adamw) if zero_stage == 0
@@ -58,4 +58,9 @@ def build_optimizer(model, optim, zero_stage: int, total_optimizer_steps: int):
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if offload_optimizer:
+        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        # torch's AdamW steps the offloaded fp32 state; DeepSpeedCPUAdam would be faster but is a
+        # compiled op that DS_BUILD_OPS=0 installs do not have.
+        ds_config["zero_force_ds_cpu_optimizer"] = False
     return optimizer, scheduler, ds_config

@@ -49,16 +49,17 @@ def train_once(rows, cfg: RLStage) -> dict[str, torch.Tensor]:
         group.shutdown()
 
 
-@pytest.mark.parametrize("agg,zero_stage,packing", [("dapo", 2, "padded"), ("grpo", 3, "dense")])
-def test_update_independent_of_ranks_and_microbatching(ray_local, agg, zero_stage, packing):
+@pytest.mark.parametrize("agg,zero_stage,packing,offload", [("dapo", 2, "padded", False), ("grpo", 3, "dense", False),
+                                                             ("dapo", 1, "padded", True)])
+def test_update_independent_of_ranks_and_microbatching(ray_local, agg, zero_stage, packing, offload):
     """One rank with one padded micro-batch and two ZeRO ranks with tiny micro-batches (plus
-    zero-weight pads; padded or densely packed) must take the same optimizer step: the loss
-    shares sum to the same batch loss, whatever the budget and layout."""
+    zero-weight pads; padded or densely packed; the optimizer offloaded or not) must take the same
+    optimizer step: the loss shares sum to the same batch loss, whatever the budget and layout."""
     tokenizer = AutoTokenizer.from_pretrained(TINY_POLICY)
     rows = fixed_rows(tokenizer)
     base = stage_cfg(ranks=1, zero_stage=0, max_tokens_per_microbatch=100_000)
     base.loss.agg = agg
-    split = stage_cfg(ranks=2, zero_stage=zero_stage, max_tokens_per_microbatch=48)
+    split = stage_cfg(ranks=2, zero_stage=zero_stage, max_tokens_per_microbatch=48, offload_optimizer=offload)
     split.loss.agg, split.packing.mode = agg, packing
     for cfg in (base, split):
         # With a large Adam epsilon the first step is ~ -lr * grad, so equal updates mean equal

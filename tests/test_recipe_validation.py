@@ -432,7 +432,7 @@ def test_cli_validate_prints_the_resolved_recipe(cli_runs):
 
 # ---------------------------------------------------------------- valid recipes and overrides
 
-@pytest.mark.parametrize("name", ["quickstart", "grpo_gsm8k"])
+@pytest.mark.parametrize("name", ["quickstart", "grpo_gsm8k", "grpo_gsm8k_7b"])
 def test_shipped_recipe_validates_and_round_trips(name, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # quickstart's paths are relative to the repo root, preflight checks them
     path = RECIPES / f"{name}.yaml"
