@@ -1,9 +1,10 @@
 """vLLM engines as Ray actors: generate G samples per prompt with per-token logprobs.
 
-Each engine actor answers a health probe while it generates (two actor threads): vLLM's engine
-core runs in a child process, and when that process dies in the middle of a generate call the
-call never returns. The group notices through the probe, replaces the engine, reloads the latest
-weights into it and regenerates that engine's prompts, without touching the learners.
+Each engine actor answers a health probe while it generates (two actor threads): on GPU vLLM's
+engine core runs in a child process, and when that process dies in the middle of a generate call
+the call never returns. The group notices through the probe (or, for CPU engines, which run vLLM
+inside the actor, through the actor's death), replaces the engine, reloads the latest weights into
+it and regenerates that engine's prompts, without touching the learners.
 """
 from __future__ import annotations
 
