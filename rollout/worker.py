@@ -176,6 +176,9 @@ class RolloutGroup:
     def __init__(self, spec: EngineSpec, engines: int, liveness, max_replacements: int = 0):
         self.spec, self.liveness, self.replacements_left = spec, liveness, max_replacements
         self.latest_weights: tuple[str, str, float] | None = None  # (transport, handle, timeout)
+        # Or, for a weight sync the engines take part in (no file to reload): sends the learners'
+        # weights into the engines at the given indices. Set by `sync_weights`.
+        self.push_weights: Callable[[list[int]], None] | None = None
         self.restarts = [0] * engines  # per engine: how many times it was replaced (varies its seed)
         self.workers = [self._start(i) for i in range(engines)]
 
@@ -286,10 +289,6 @@ class RolloutGroup:
                    probe_interval_s=self.liveness.probe_interval_s)
         except WorkerFailure as failure:
             self._replace_failed(failure)  # a replacement loads the latest weights itself
-
-    # For a weight sync the engines take part in (no file to reload): sends the learners' weights
-    # into the engines at the given indices. Set by `sync_weights`.
-    push_weights: Callable[[list[int]], None] | None = None
 
     def sync_weights(self, push: Callable[[list[int]], None]) -> None:
         """`push` into every engine; a replaced engine (now or later) gets `push([its index])`."""
