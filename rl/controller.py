@@ -59,13 +59,13 @@ def run_rl_stage(ctx) -> dict:
             selector.load_state_dict(state.get("selection", {}))
             learners.call("load_checkpoint", str(resume_from / "deepspeed"), "state")
             print(f"[{cfg.name}] resumed from {resume_from} (step {start_step})", flush=True)
+        tracker = Tracker(ctx.run_dir, recipe, cfg.name, total_steps, start_step, recipe.logging.progress)
+        cleanup.callback(tracker.close)
         engines.wait_ready()
         weights = WeightSync(cfg.rollout.weight_sync, learners, engines, ctx.stage_dir / "weights")
         cleanup.callback(weights.close)
         rollouts = RolloutScheduler(engines, sampler, selector, prompts, drawn, cfg.rollout, cfg.group_size,
                                     recipe.seed, policy_version=start_step)
-        tracker = Tracker(ctx.run_dir, recipe, cfg.name, total_steps, start_step, recipe.logging.progress)
-        cleanup.callback(tracker.close)
         batch_log = ctx.stage_dir / "batches.jsonl"  # which prompts each step drew: the data order
         drop_records_after(batch_log, cfg.name, start_step)
         G = cfg.group_size
