@@ -175,9 +175,8 @@ class RolloutGroup:
 
     def __init__(self, spec: EngineSpec, engines: int, liveness, max_replacements: int = 0):
         self.spec, self.liveness, self.replacements_left = spec, liveness, max_replacements
-        self.latest_weights: tuple[str, str, float] | None = None  # (transport, handle, timeout)
-        # Or, for a weight sync the engines take part in (no file to reload): sends the learners'
-        # weights into the engines at the given indices. Set by `sync_weights`.
+        # Brings the latest weights into the engines at the given indices (a replacement gets them
+        # the same way). Set by `sync_weights`.
         self.push_weights: Callable[[list[int]], None] | None = None
         self.restarts = [0] * engines  # per engine: how many times it was replaced (varies its seed)
         self.workers = [self._start(i) for i in range(engines)]
@@ -272,27 +271,19 @@ class RolloutGroup:
                "restarting rollout engines", self.liveness.startup_timeout_s)
         if self.push_weights is not None:
             self._push(failed)
-        elif self.latest_weights is not None:
-            self._load(self.latest_weights, failed)
         return failed
 
     def load_weights(self, transport: str, handle: str, timeout_s: float) -> None:
-        self.latest_weights, self.push_weights = (transport, handle, timeout_s), None
-        self._load(self.latest_weights, range(len(self.workers)))
-
-    def _load(self, weights: tuple[str, str, float], indices) -> None:
-        transport, handle, timeout_s = weights
-        indices = list(indices)
-        try:
+        """Every engine reloads a published weights file; so does a replaced engine, now or later."""
+        def reload(indices: list[int]) -> None:
             gather([self.workers[i].load_weights.remote(transport, handle, timeout_s) for i in indices],
                    [self.names[i] for i in indices], "weight sync", timeout_s, probe=self.dead_engines,
                    probe_interval_s=self.liveness.probe_interval_s)
-        except WorkerFailure as failure:
-            self._replace_failed(failure)  # a replacement loads the latest weights itself
+        self.sync_weights(reload)
 
     def sync_weights(self, push: Callable[[list[int]], None]) -> None:
         """`push` into every engine; a replaced engine (now or later) gets `push([its index])`."""
-        self.latest_weights, self.push_weights = None, push
+        self.push_weights = push
         self._push(list(range(len(self.workers))))
 
     def _push(self, indices: list[int]) -> None:
