@@ -94,7 +94,7 @@ def sync_table(sizes: list[str], pushes: int, work: Path) -> list[str]:
     from rl.learner_group import LearnerGroup
     from rl.rows import TrainingRow
     from rollout.weight_sync import WeightSync
-    from rollout.worker import EngineSpec, RolloutGroup
+    from rollout.worker import EngineSpec, RolloutGroup, Sampling
 
     lines = [f"Part 2: seconds per weight push (mean of {pushes}), one learner rank and one engine on CPU, "
              "and as a share of one RL step (4 prompts × G 4, 32 new tokens: generate + train; the first on "
@@ -114,7 +114,7 @@ def sync_table(sizes: list[str], pushes: int, work: Path) -> list[str]:
             try:
                 prompts = [[11 + i, 23, 37, 41 + i] * 4 for i in range(4)]
                 t0 = time.perf_counter()
-                groups = engines.generate(prompts, 4, 1.0, 1.0, 32, seeds=[0, 1, 2, 3])
+                groups = engines.generate(prompts, Sampling(4, 1.0, 1.0, 32), seeds=[0, 1, 2, 3])
                 rows = [TrainingRow(p, c["token_ids"], c["logprobs"], 1.0 if k % 2 else -1.0)
                         for p, g in zip(prompts, groups) for k, c in enumerate(g)]
                 per_rank, norm, _ = plan_microbatches(rows, len(rows), sum(r.loss_tokens for r in rows),

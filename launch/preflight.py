@@ -1,5 +1,6 @@
 """Checks that need the filesystem, run before any actor starts: a local model folder exists, and
-every local data file is rows holding the recipe's question and answer columns.
+every local data file is rows holding the recipe's question and answer fields (`lookup` reads a
+dotted key as a path into nested objects, here and in `rl.data`).
 
 Each problem is one `field path: message` line, like the schema's; a file's problem names the file
 and the line (`train.jsonl:3: ...` for JSON Lines and CSV) or row (`train.json: row 3: ...` for a
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.schema import DATA_FILE_TYPES, clip
+from rewards.boxed import last_boxed
 
 SHOWN = 5  # bad rows reported per file; the rest are counted
 STOP_AFTER = 1000  # bad rows after which a file is not read further
@@ -32,6 +34,32 @@ class BadRow(str):
     """What `read_rows` yields in place of a row it cannot read: the problem."""
 
 
+class MissingKey(LookupError):
+    """A row without the field a data key names; the message says which part is missing, and where."""
+
+
+def lookup(row: dict, key: str) -> Any:
+    """The field `key` of `row`: its column of that name, else a dotted path through nested objects
+    and arrays ("reward_model.ground_truth", "prompt.0.content"). Raises MissingKey."""
+    if key in row:
+        return row[key]
+    value, parts = row, key.split(".")
+    for depth, part in enumerate(parts):
+        parent = ".".join(parts[:depth])
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif depth == 0:
+            raise MissingKey(f"no key {key!r} (keys: {_keys(row)})")
+        elif isinstance(value, dict):
+            raise MissingKey(f"no key {part!r} in {parent!r} (keys: {_keys(value)})")
+        else:
+            length = f" of length {len(value)}" if isinstance(value, list) else ""
+            raise MissingKey(f"{parent!r} is {_kind(value)}{length}; no {part!r} in it for {key!r}")
+    return value
+
+
 def preflight(recipe) -> list[str]:
     """One line per problem with the recipe's local model folder and data files; empty when none."""
     problems = []
@@ -41,8 +69,9 @@ def preflight(recipe) -> list[str]:
     elif config.is_file():
         problems += context_problems(recipe, config)
     for split in ("train", "eval"):
-        problems += data_file_problems(f"data.{split}.path", getattr(recipe.data, split).path,
-                                       recipe.data.question_key, recipe.data.answer_key)
+        data = recipe.data.for_split(split)
+        problems += data_file_problems(f"data.{split}.path", getattr(data, split).path,
+                                       data.question_key, data.answer_key, data.answer_format)
     return problems
 
 
@@ -81,7 +110,7 @@ def local_data_file(name: str) -> Path | None:
     return path
 
 
-def data_file_problems(field: str, name: str, question_key: str, answer_key: str) -> list[str]:
+def data_file_problems(field: str, name: str, question_key: str, answer_key: str, answer_format: str) -> list[str]:
     """Problems of the data file `name` (a recipe's `data.*.path`), each line naming `field`."""
     path = local_data_file(name)
     if path is None:
@@ -90,7 +119,7 @@ def data_file_problems(field: str, name: str, question_key: str, answer_key: str
     try:
         for where, row in read_rows(path, name, (question_key, answer_key)):
             count += 1
-            problem = row if isinstance(row, BadRow) else _row_problem(row, question_key, answer_key)
+            problem = row if isinstance(row, BadRow) else _row_problem(row, question_key, answer_key, answer_format)
             if problem is None:
                 continue
             bad += 1
@@ -113,18 +142,26 @@ def _kind(value) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def _row_problem(row, question_key: str, answer_key: str) -> str | None:
+def _keys(row: dict) -> str:
+    return ", ".join(clip(str(k), 30) for k in list(row)[:8]) + (", ..." if len(row) > 8 else "") or "none"
+
+
+def _row_problem(row, question_key: str, answer_key: str, answer_format: str) -> str | None:
     if not isinstance(row, dict):
         return f"expected a JSON object, found {_kind(row)}"
-    missing = [k for k in (question_key, answer_key) if k not in row]
+    missing = [k for k in (question_key, answer_key) if k not in row and k.split(".")[0] not in row]
     if missing:
-        keys = ", ".join(clip(str(k), 30) for k in list(row)[:8]) + (", ..." if len(row) > 8 else "")
-        return f"no key {' or '.join(repr(k) for k in missing)} (keys: {keys or 'none'})"
-    question, answer = row[question_key], row[answer_key]
+        return f"no key {' or '.join(repr(k) for k in missing)} (keys: {_keys(row)})"
+    try:
+        question, answer = lookup(row, question_key), lookup(row, answer_key)
+    except MissingKey as e:
+        return str(e)
     if not isinstance(question, str) or not question.strip():
         return f"{question_key!r} is {'empty' if isinstance(question, str) else _kind(question)}; expected text"
     if answer is None or answer == "" or isinstance(answer, (dict, list)):
         return f"{answer_key!r} is {'empty' if answer == '' else _kind(answer)}; expected text or a number"
+    if answer_format == "boxed" and last_boxed(str(answer)) is None:
+        return f"{answer_key!r} has no complete \\boxed{{}} answer (data.answer_format: boxed)"
     return None
 
 
@@ -134,7 +171,8 @@ def read_rows(path: Path, name: str, columns: tuple[str, ...] | None = None) -> 
     """(where, row) for each row of a local data file: `where` is ":N" (line N) or ": row N", to
     follow the file's name, and `row` a dict, another JSON value, or a BadRow saying why that row
     cannot be read. Raises DataFileError, naming the file as `name`, when the file as a whole cannot
-    be read. `columns`: these must be columns of a CSV or Parquet file (Parquet reads only them)."""
+    be read. `columns`: data keys that must be columns of a CSV or Parquet file (a dotted key: the
+    column of its first part, unless one has its whole name); Parquet reads only those columns."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise DataFileError(f"file not found: {name}")
@@ -215,16 +253,20 @@ def _parquet_rows(path: Path, columns: tuple[str, ...] | None) -> Iterator[tuple
         file = pq.ParquetFile(path)
     except pa.ArrowException as e:
         raise DataFileError(f": not a Parquet file ({clip(str(e), 200)})") from None
-    _require(columns, file.schema_arrow.names)
     number = 0
-    for batch in file.iter_batches(columns=list(columns) if columns else None):
+    for batch in file.iter_batches(columns=_require(columns, file.schema_arrow.names)):
         for row in batch.to_pylist():
             number += 1
             yield f": row {number}", row
 
 
-def _require(columns: tuple[str, ...] | None, names: list[str]) -> None:
-    missing = [c for c in columns or () if c not in names]
+def _require(columns: tuple[str, ...] | None, names: list[str]) -> list[str] | None:
+    """The file's columns that hold the data keys `columns` (None: all of them)."""
+    if columns is None:
+        return None
+    held = {c: c if c in names else c.split(".")[0] for c in columns}
+    missing = [c for c, column in held.items() if column not in names]
     if missing:
         shown = ", ".join(clip(c, 30) for c in names[:8]) + (", ..." if len(names) > 8 else "")
         raise DataFileError(f": no column {' or '.join(repr(c) for c in missing)} (columns: {shown or 'none'})")
+    return list(dict.fromkeys(held.values()))

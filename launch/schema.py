@@ -9,7 +9,7 @@ import re
 from typing import Annotated, Literal
 
 import regex
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -82,17 +82,40 @@ class DataSource(Strict):
     config: str | None = Field(None, description="Dataset config name for hub datasets (e.g. `main`).")
     split: str = Field("train", description="Split to read (hub datasets; ignored for local files).")
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    question_key: str | None = Field(None, description="This split's own `data.question_key` (None: the shared one).")
+    answer_key: str | None = Field(None, description="This split's own `data.answer_key` (None: the shared one).")
+    answer_format: Literal["gsm8k", "boxed", "raw"] | None = Field(
+        None, description="This split's own `data.answer_format` (None: the shared one).")
+
+
+# What a split may set for itself (a train and an eval dataset with different columns).
+SPLIT_KEYS = ("question_key", "answer_key", "answer_format")
 
 
 class DataConfig(Strict):
     train: DataSource
     eval: DataSource
-    question_key: str = Field("question", description="Column holding the problem text.")
-    answer_key: str = Field("answer", description="Column holding the reference answer (`... #### N` works).")
+    question_key: str = Field(
+        "question", description="Column holding the problem text; a dotted path reads a nested field "
+                                "(`prompt.0.content`: an array item by its index).")
+    answer_key: str = Field(
+        "answer", description="Column holding the reference answer; a dotted path reads a nested field "
+                              "(`reward_model.ground_truth`, DAPO-Math-17k's layout). A column named with the dots "
+                              "itself comes first.")
+    answer_format: Literal["gsm8k", "boxed", "raw"] = Field(
+        "gsm8k", description="How the answer field becomes the reference: `gsm8k`: the answer after the last "
+                             "`####` (GSM8K's answer column; text without `####` is only stripped); `boxed`: the "
+                             "content of the last `\\boxed{}` (MATH's solution column; a row without one is an "
+                             "error); `raw`: the field stripped, as written.")
     template: str = Field("{question}", description="User message; `{question}` is replaced.")
     system_prompt: str | None = Field(None, description="System message (chat template only).")
     chat_template: bool = Field(True, description="Wrap the prompt with the tokenizer's chat template.")
     max_prompt_tokens: int = Field(512, ge=1, description="Longer prompts are left-truncated.")
+
+    def for_split(self, split: str) -> DataConfig:
+        """This section with the split's own keys (where it sets them) in place of the shared ones."""
+        source = getattr(self, split)
+        return self.model_copy(update={k: getattr(source, k) for k in SPLIT_KEYS if getattr(source, k) is not None})
 
     @field_validator("template")
     @classmethod
@@ -182,9 +205,13 @@ class LossConfig(Strict):
     eps_high: float = Field(0.2, ge=0, description="Upper clip range (clip-higher: 0.28).")
     kl_coef: float = Field(0.0, ge=0, description="beta of the k3 KL to the reference; 0 loads no reference model.")
     agg: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
-        "grpo", description="Loss aggregation (see docs/algorithms.md).")
+        "grpo", description="Loss aggregation (see rl/aggregation.py).")
     iterations: int = Field(1, ge=1, description="mu: optimizer passes over each batch.")
     mask_truncated: bool = Field(False, description="Drop completions cut at max_new_tokens from the loss.")
+    train_inserted: bool = Field(
+        True, description="Truncated rollouts: text the rollout inserted (closing tags, re-appended triggers) "
+                          "carries policy-gradient loss like sampled text (as in the Step-GRPO authors' code); "
+                          "its mismatch ratio is 1 either way (no engine log-prob).")
     mismatch: MismatchConfig = MismatchConfig()
 
 
@@ -197,6 +224,25 @@ class WeightSyncConfig(Strict):
     bucket_mb: float = Field(
         256, gt=0, description="collective: the most weight data flattened into one broadcast.")
     timeout_s: float = Field(300, gt=0)
+
+
+class TruncationConfig(Strict):
+    """Step-GRPO's dynamic truncated rollout (rollout/truncation.py); training rollouts only."""
+    enabled: bool = Field(False, description="Probe the model's confidence at each step trigger and cut the "
+                                             "thinking short when the answer is already certain.")
+    think_end: str = Field("</think>", min_length=1, description="Closes the thinking block.")
+    think_budget: float = Field(0.9, gt=0, lt=1, description="Fraction of max_new_tokens thinking may use.")
+    probe_text: str = Field("\n**Final Answer**\n\\boxed", min_length=1,
+                            description="Appended after the thinking so far to elicit the answer.")
+    probe_tokens: int = Field(20, ge=2, description="Greedy tokens a probe decodes at most.")
+    threshold: float = Field(0.95, ge=0, le=1, description="δ: exit when the probe's confidence (geometric mean "
+                                                            "of its token probabilities, the first skipped) is above it.")
+    strict: bool = Field(True, description="Confidence 0 unless the probe closes the thinking block itself.")
+    near_budget_tokens: int = Field(50, ge=0, description="Exit at a probe when thinking is this close to its budget.")
+    max_probes: int = Field(10, ge=0, description="After this many failed probes, think to the natural end.")
+    repeat_chunks: int = Field(3, ge=2, description="This many identical thinking chunks in a row exit to the answer.")
+    answer_text: str = Field("\n</think>\n\n", min_length=1,
+                             description="Inserted before the answer when the rollout ends the thinking.")
 
 
 class RolloutConfig(Strict):
@@ -218,6 +264,7 @@ class RolloutConfig(Strict):
     max_staleness: int = Field(
         1, ge=1, description="With async: the most policy versions a trained sample may lag the learner; "
                              "weights reach the engines only when the next rollouts would lag more.")
+    truncation: TruncationConfig = TruncationConfig()
 
 
 class OptimConfig(Strict):
@@ -252,18 +299,27 @@ class LearnerConfig(Strict):
         return self
 
 
-VERIFIER_OPTIONS = {"gsm8k_accuracy": {"exact_score", "equivalent_score"}, "format": {"pattern"}}
+VERIFIER_OPTIONS = {"gsm8k_accuracy": {"exact_score", "equivalent_score"}, "format": {"pattern"},
+                    "boxed_accuracy": {"exact_score", "equivalent_score"}, "boxed_format": set()}
+# Verifiers that judge the answer: the first of them among the terms defines `correct` by default.
+ACCURACY_VERIFIERS = ("gsm8k_accuracy", "boxed_accuracy")
 
 
 class RewardTerm(Strict):
-    verifier: Literal["gsm8k_accuracy", "format"] = Field(description="A verifier from `rewards`.")
+    verifier: Literal["gsm8k_accuracy", "format", "boxed_accuracy", "boxed_format"] = Field(
+        description="A verifier from `rewards`: `gsm8k_accuracy` (the `####`, boxed or last number of the "
+                    "completion), `boxed_accuracy` (the last `\\boxed{}` only, for MATH-style answers), "
+                    "`format` (a regex over the whole completion), `boxed_format` (1 if the last `\\boxed{}` "
+                    "is complete).")
     weight: float = 1.0
     pattern: str | None = Field(
         None, description="`format` only: the regex a completion must match fully (default: the CPPO paper's).")
     exact_score: float | None = Field(
-        None, description="`gsm8k_accuracy` only: score when the answer string equals the reference (default 1).")
+        None, description="`gsm8k_accuracy`, `boxed_accuracy` only: score when the answer string equals the "
+                          "reference (default 1).")
     equivalent_score: float | None = Field(
-        None, description="`gsm8k_accuracy` only: score when math-verify finds them equal (default 1).")
+        None, description="`gsm8k_accuracy`, `boxed_accuracy` only: score when math-verify finds them equal "
+                          "(default 1).")
 
     @model_validator(mode="after")
     def _options_fit_verifier(self):
@@ -279,9 +335,24 @@ class RewardTerm(Strict):
         return self
 
 
+class StepAwareConfig(Strict):
+    """Step-GRPO's step-aware relative reward (rl/step_reward.py): the accuracy term of a correct
+    completion is scaled by 1 - beta*tanh((k - mu)/mu), k its steps, mu the group's mean steps."""
+    beta: float = Field(0.5, ge=0, le=1, description="Strength of the step reward; 0 turns it off (ablation).")
+    mu_over: Literal["correct", "all"] = Field(
+        "correct", description="mu: mean steps over the group's correct completions (paper), or all of them (ablation).")
+
+
 class RewardConfig(Strict):
     terms: list[RewardTerm] = Field(
         default_factory=lambda: [RewardTerm(verifier="gsm8k_accuracy")], min_length=1)
+    accuracy: str | None = Field(
+        None, validate_default=True,
+        description="The term's verifier whose score > 0 makes a completion correct (`reward/accuracy`); "
+                    f"None: the first term whose verifier is one of {', '.join(ACCURACY_VERIFIERS)}, "
+                    "else nothing is correct.")
+    step_aware: StepAwareConfig | None = Field(
+        None, description="Step-GRPO's step-aware relative reward; the accuracy term's weight is the paper's alpha.")
     workers: int = Field(2, ge=1, description="Reward processes.")
     timeout_s: float = Field(5.0, gt=0, description="Per-completion scoring limit; over it scores 0.")
     max_chars: int | None = Field(
@@ -296,6 +367,26 @@ class RewardConfig(Strict):
         if dupes:
             raise ValueError(f"each verifier may appear once; repeated: {', '.join(dupes)}")
         return terms
+
+    @field_validator("accuracy")
+    @classmethod
+    def _accuracy_is_a_term(cls, accuracy: str | None, info: ValidationInfo) -> str | None:
+        if "terms" not in info.data:  # the terms are invalid, and reported
+            return accuracy
+        names = [t.verifier for t in info.data["terms"]]
+        if accuracy is None:
+            return next((n for n in names if n in ACCURACY_VERIFIERS), None)
+        if accuracy not in names:
+            raise ValueError(f"{clip(accuracy)!r} is not the verifier of a term; the terms' verifiers are "
+                             f"{', '.join(names)}")
+        return accuracy
+
+    @model_validator(mode="after")
+    def _step_aware_needs_accuracy(self):
+        if self.step_aware is not None and self.accuracy is None:
+            raise ValueError("step_aware scales the accuracy term of correct completions: add a gsm8k_accuracy or "
+                             "boxed_accuracy term (or name one in `accuracy`)")
+        return self
 
 
 class AllCompletions(Strict):
@@ -387,6 +478,9 @@ class RLStage(StageBase):
                                 "include CPPO's allocation).")
     prompts_per_step: int = Field(8, ge=1)
     group_size: int = Field(8, ge=2, description="G: completions per prompt.")
+    step_triggers: list[str] = Field(
+        ["Wait"], min_length=1, description="Words that start a reasoning step (Step-GRPO): truncated rollouts "
+                                            "probe at them, the step-aware reward counts them (standalone words).")
     advantage: AdvantageConfig = AdvantageConfig()
     selection: SelectionConfig = Field(
         SelectionConfig(), description="Which prompts are generated and which completions trained; "
@@ -439,6 +533,8 @@ class EvalStage(StageBase):
     include_base: bool = Field(True, description="Also evaluate the recipe's starting model.")
     max_new_tokens: int = Field(256, ge=1)
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N eval problems.")
+    accuracy: Literal["gsm8k_accuracy", "boxed_accuracy"] = Field(
+        "gsm8k_accuracy", description="The verifier whose score > 0 makes a greedy completion correct.")
     num_cpus: float = Field(1, ge=0, description="CPUs of the evaluation engine actor.")
     num_gpus: float = Field(0, ge=0)
     cpu_kvcache_gib: int = Field(1, ge=1)

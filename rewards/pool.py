@@ -30,7 +30,6 @@ from pebble import ProcessPool
 
 from rewards.verifiers import VERIFIERS
 
-_ACCURACY = "gsm8k_accuracy"
 _TERM_KEYS = ("verifier", "weight")
 _TIMEOUT, _ERROR = "timeout", "error"
 # English prose or math averages about 4 characters a token; 32 leaves 8x headroom for the many
@@ -51,7 +50,7 @@ def max_chars_for(max_new_tokens: int) -> int:
 class RewardResult:
     total: list[float]                   # weighted sum per completion
     per_verifier: dict[str, list[float]]  # unweighted score per completion
-    correct: list[bool]                  # gsm8k_accuracy > 0 (all False without that term)
+    correct: list[bool]                  # the accuracy verifier's score > 0 (all False without one)
     timeouts: int = 0                    # completions scored 0 because scoring ran past a limit
     errors: int = 0                      # ... because a verifier raised (or gave NaN) or the worker died
     rejected: int = 0                    # ... because they were refused up front (see module doc)
@@ -59,8 +58,12 @@ class RewardResult:
 
 class RewardPool:
     def __init__(self, terms: list[dict], workers: int = 2, timeout_s: float = 5.0,
-                 max_chars: int = _MIN_MAX_CHARS, chunk_size: int = 16, context: str = "forkserver"):
+                 max_chars: int = _MIN_MAX_CHARS, chunk_size: int = 16, context: str = "forkserver", *,
+                 accuracy: str | None):
         """terms: [{"verifier": name, "weight": w, <option>: value, ...}]; None options are dropped.
+
+        accuracy: the term whose score > 0 makes a completion `correct` (the recipe's
+        rewards.accuracy), or None: nothing is correct.
 
         timeout_s bounds one task: a chunk, or one completion when a chunk is rescored.
         max_chars: longer completions are refused (see the module doc); `max_chars_for(tokens)`.
@@ -81,6 +84,9 @@ class RewardPool:
             except TypeError as error:
                 raise ValueError(f"verifier {name!r} does not take options {options}: {error}") from None
             self._terms.append((name, float(term.get("weight", 1.0)), options))
+        if accuracy is not None and accuracy not in (name for name, _, _ in self._terms):
+            raise ValueError(f"accuracy verifier {accuracy!r} is not one of the terms")
+        self.accuracy = accuracy
         if context not in ("forkserver", "spawn"):
             raise ValueError(f"context must be 'forkserver' or 'spawn', not {context!r}")
         self.timeout_s = timeout_s
@@ -145,8 +151,8 @@ class RewardPool:
                 for (name, weight, _), value in zip(self._terms, outcome):
                     result.per_verifier[name][i] = value
                     result.total[i] += weight * value
-        if _ACCURACY in result.per_verifier:
-            result.correct = [value > 0.0 for value in result.per_verifier[_ACCURACY]]
+        if self.accuracy is not None:
+            result.correct = [value > 0.0 for value in result.per_verifier[self.accuracy]]
         return result
 
     def _submit(self, verifiers, indices, completions, references):

@@ -12,6 +12,7 @@ from typing import Callable
 
 import regex
 
+from rewards.boxed import last_boxed
 from rewards.gsm8k import extract_answer, reference_answer
 
 Verifier = Callable[..., float]
@@ -57,22 +58,51 @@ def gsm8k_accuracy(completion: str, reference: str, exact_score: float = 1.0,
         return exact_score
     if max(len(predicted), len(gold)) > MAX_VERIFIED_ANSWER_CHARS:
         return 0.0
-    from math_verify import parse, verify  # heavy import (sympy); only where it is needed
-
-    # signal.alarm only works in the main thread; elsewhere the caller must bound the time.
-    limit = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-    # Wrapped in \boxed{} so math-verify reads bare latex ("\dfrac12") as the answer.
-    gold_parsed = parse(f"\\boxed{{{_latex(gold)}}}", parsing_timeout=limit, raise_on_error=True)
-    predicted_parsed = parse(f"\\boxed{{{_latex(predicted)}}}", parsing_timeout=limit, raise_on_error=True)
-    if not gold_parsed or not predicted_parsed:
-        return 0.0
-    equal = verify(gold_parsed, predicted_parsed, timeout_seconds=limit, raise_on_error=True)
-    return equivalent_score if equal else 0.0
+    return equivalent_score if _equivalent(_latex(gold), _latex(predicted)) else 0.0
 
 
 def _latex(answer: str) -> str:
     scientific = _SCIENTIFIC.fullmatch(answer)
     return f"{scientific[1]}\\times10^{{{scientific[2]}}}" if scientific else answer
+
+
+@register("boxed_accuracy")
+def boxed_accuracy(completion: str, reference: str, exact_score: float = 1.0,
+                   equivalent_score: float = 1.0) -> float:
+    """MATH-style answers: `exact_score` if the content of the completion's last \\boxed{} is the
+    reference string, `equivalent_score` if math-verify finds them equal ("\\dfrac12" and "0.5",
+    "x = 3" and "3", "30^\\circ" and "30", "\\text{(C)}" and "C", "(0,1]" and "(0, 1]"), else 0.0.
+    No complete last box scores 0 (see rewards.boxed.last_boxed); answers over
+    MAX_VERIFIED_ANSWER_CHARS only score when exact. `reference` is the answer itself, not a
+    solution: data.answer_format `boxed` takes it out of a MATH solution.
+
+    Raises where math-verify fails or times out, as gsm8k_accuracy does.
+    """
+    predicted = last_boxed(completion)
+    gold = reference.strip()
+    if predicted is None or not gold:
+        return 0.0
+    if predicted == gold:
+        return exact_score
+    if max(len(predicted), len(gold)) > MAX_VERIFIED_ANSWER_CHARS:
+        return 0.0
+    return equivalent_score if _equivalent(gold, predicted) else 0.0
+
+
+def _equivalent(gold: str, predicted: str) -> bool:
+    """math-verify's verdict on two answers written in latex or plain text."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify  # heavy (sympy)
+
+    # signal.alarm only works in the main thread; elsewhere the caller must bound the time.
+    limit = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    # Wrapped in \boxed{} so math-verify reads bare latex ("\dfrac12") as the answer, the box first.
+    config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    gold_parsed, predicted_parsed = (
+        parse(f"\\boxed{{{answer}}}", config, parsing_timeout=limit, raise_on_error=True)
+        for answer in (gold, predicted))
+    if not gold_parsed or not predicted_parsed:
+        return False
+    return verify(gold_parsed, predicted_parsed, timeout_seconds=limit, raise_on_error=True)
 
 
 @register("format")
@@ -94,3 +124,10 @@ def _think_answer(completion: str) -> bool:
     middle = completion.find("</think>\n<answer>", len("<think>"))
     return (completion.startswith("<think>") and completion.endswith("</answer>") and middle != -1
             and middle + len("</think>\n<answer>") <= len(completion) - len("</answer>"))
+
+
+@register("boxed_format")
+def boxed_format(completion: str, reference: str) -> float:
+    """1.0 if the completion's last \\boxed{...} is complete and not empty (an answer boxed_accuracy
+    can read), else 0.0: Step-GRPO's format term."""
+    return 1.0 if last_boxed(completion) is not None else 0.0

@@ -46,9 +46,9 @@ class ModelBatch:
     predict_at: Tensor               # [n, W] long: flat index into R*L of the state predicting each completion token
     targets: Tensor                  # [n, W] long: completion token ids (0 on padding)
     completion_mask: Tensor          # [n, W] bool: a real completion token (False only on padding)
-    loss_mask: Tensor                # [n, W] float: 1 for tokens in the loss (0 on padding and rows with masked=True)
+    loss_mask: Tensor                # [n, W] float: 1 for tokens in the loss (TrainingRow.loss_token_mask; 0 on padding)
     rollout_logp: Tensor             # [n, W] float: the engine's log-probs (0 where unknown)
-    has_rollout_logp: Tensor         # [n, W] bool: False for rows without rollout_logprobs and on padding
+    has_rollout_logp: Tensor         # [n, W] bool: False where the log-prob is unknown (inserted tokens) and on padding
     advantages: Tensor               # [n] float32
     seq_weights: Tensor              # [n] float32 (row.weight)
     cu_seqlens: Tensor | None = None  # [n + 1] int32: where each packed sequence starts, then L; None when padded
@@ -79,6 +79,7 @@ def collate(rows: list[TrainingRow], pad_id: int, packed: bool) -> ModelBatch:
     completion_mask = torch.zeros((n, width), dtype=torch.bool)
     rollout_logp = torch.zeros((n, width))
     has_rollout_logp = torch.zeros((n, width), dtype=torch.bool)
+    loss_mask = torch.zeros((n, width))
 
     start = 0  # flat offset of the current sequence in the R*L positions
     for i, row in enumerate(rows):
@@ -97,11 +98,13 @@ def collate(rows: list[TrainingRow], pad_id: int, packed: bool) -> ModelBatch:
         if row.rollout_logprobs is not None:
             if len(row.rollout_logprobs) != c:
                 raise ValueError(f"row {i}: {len(row.rollout_logprobs)} rollout log-probs for {c} completion tokens")
-            rollout_logp[i, :c] = torch.tensor(row.rollout_logprobs, dtype=torch.float32)
-            has_rollout_logp[i, :c] = True
+            rollout_logp[i, :c] = torch.tensor([0.0 if x is None else x for x in row.rollout_logprobs])
+            has_rollout_logp[i, :c] = torch.tensor([x is not None for x in row.rollout_logprobs])
+        if row.inserted is not None and len(row.inserted) != c:
+            raise ValueError(f"row {i}: {len(row.inserted)} inserted flags for {c} completion tokens")
+        loss_mask[i, :c] = torch.tensor(row.loss_token_mask(), dtype=torch.float32)
         start += p + c
 
-    loss_mask = completion_mask.float() * torch.tensor([[0.0 if r.masked else 1.0] for r in rows])
     return ModelBatch(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
         predict_at=predict_at, targets=targets, completion_mask=completion_mask, loss_mask=loss_mask,

@@ -25,8 +25,13 @@ from rl.rollouts import RolloutScheduler
 from rl.rows import TrainingRow
 from rl.selection import Selector
 from rl.tracking import Timers, Tracker, drop_records_after
+from rl.step_reward import count_steps, efficiency_factors, step_aware_rewards
+from rollout.truncation import EXIT_REASONS, Truncation
 from rollout.weight_sync import WeightSync
-from rollout.worker import EngineSpec, RolloutGroup
+from rollout.worker import EngineSpec, RolloutGroup, Sampling
+
+# Room in the engines' context for a probe's appended text (rollout.truncation.probe_text).
+PROBE_TEXT_TOKENS = 32
 
 
 def run_rl_stage(ctx) -> dict:
@@ -40,12 +45,14 @@ def run_rl_stage(ctx) -> dict:
         start_step = state["step"]
         # Engines, the reward pool and the learners start together; the engines take longest.
         engines = RolloutGroup(engine_spec(recipe, recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens, recipe.seed,
-                                           str(resume_from / "hf") if resume_from else recipe.model.path, cfg.rollout),
+                                           str(resume_from / "hf") if resume_from else recipe.model.path, cfg.rollout,
+                                           truncation=cfg.rollout.truncation),
                                cfg.rollout.engines, recipe.cluster.liveness, max_replacements=recipe.cluster.max_restarts)
         cleanup.callback(engines.shutdown)
         reward_pool = cleanup.enter_context(
             RewardPool([t.model_dump() for t in cfg.rewards.terms], cfg.rewards.workers, cfg.rewards.timeout_s,
-                       max_chars=cfg.rewards.max_chars or max_chars_for(cfg.rollout.max_new_tokens)))
+                       max_chars=cfg.rewards.max_chars or max_chars_for(cfg.rollout.max_new_tokens),
+                       accuracy=cfg.rewards.accuracy))
         prompts, references = load_problems(recipe, "train")
         selector = Selector(cfg.selection, cfg.group_size, recipe.seed)
         drawn = selector.prompts_per_step(cfg.prompts_per_step)  # CPPO's allocation draws more
@@ -64,8 +71,8 @@ def run_rl_stage(ctx) -> dict:
         engines.wait_ready()
         weights = WeightSync(cfg.rollout.weight_sync, learners, engines, ctx.stage_dir / "weights")
         cleanup.callback(weights.close)
-        rollouts = RolloutScheduler(engines, sampler, selector, prompts, drawn, cfg.rollout, cfg.group_size,
-                                    recipe.seed, policy_version=start_step)
+        rollouts = RolloutScheduler(engines, sampler, selector, prompts, drawn, train_sampling(cfg),
+                                    cfg.rollout.max_staleness, recipe.seed, policy_version=start_step)
         batch_log = ctx.stage_dir / "batches.jsonl"  # which prompts each step drew: the data order
         drop_records_after(batch_log, cfg.name, start_step)
         G = cfg.group_size
@@ -79,7 +86,7 @@ def run_rl_stage(ctx) -> dict:
                 with timers("reward"):
                     scored = reward_pool.score([c["text"] for c in completions],
                                                [references[i] for i in r.generated for _ in range(G)])
-                rewards = torch.tensor(scored.total)
+                rewards, steps = shaped_rewards(scored, completions, cfg)
                 advantages = group_advantages(rewards, G, cfg.advantage.scale, cfg.advantage.eps)
                 selector.record(r.generated, rewards)
                 if one_step_off:
@@ -88,7 +95,7 @@ def run_rl_stage(ctx) -> dict:
                             push_weights(weights, rollouts, step - 1)
                     if step < total_steps:
                         rollouts.submit(step + 1)  # generates while the learners train on this step
-                rows = [training_row(prompts[r.generated[j // G]], c, advantages[j].item(), cfg.loss.mask_truncated)
+                rows = [training_row(prompts[r.generated[j // G]], c, advantages[j].item(), cfg.loss)
                         for j, c in enumerate(completions)]
                 train_rows, chosen = selector.completions(step, rows, r.prompt_weights, len(r.batch))
                 with timers("pack"):
@@ -101,6 +108,7 @@ def run_rl_stage(ctx) -> dict:
                         push_weights(weights, rollouts, step)
             tracker.log(step, {**step_metrics(scored, completions, train_rows, len(r.batch) * G,
                                               len(r.batch) - len(r.kept), stats, pad_frac, timers.pop()),
+                               **reasoning_metrics(completions, steps, scored.correct),
                                "rollout/staleness": step - 1 - r.policy_version})
             append_jsonl(batch_log, {"stage": cfg.name, "step": step, "prompts": r.batch, "generated": r.generated})
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
@@ -118,15 +126,42 @@ def push_weights(weights: WeightSync, rollouts: RolloutScheduler, version: int) 
     rollouts.policy_version = version
 
 
-def engine_spec(recipe, max_model_len: int, seed: int, model_path: str, rollout_cfg) -> EngineSpec:
-    return EngineSpec(model_path, recipe.model.dtype, max_model_len, seed, rollout_cfg.num_cpus_per_engine,
-                      rollout_cfg.num_gpus_per_engine, rollout_cfg.cpu_kvcache_gib, rollout_cfg.enforce_eager,
-                      rollout_cfg.gpu_memory_utilization, recipe.model.trust_remote_code)
+def engine_spec(recipe, max_model_len: int, seed: int, model_path: str, rollout_cfg, truncation=None) -> EngineSpec:
+    """Truncated rollouts call the engine several times per sample (prefix caching pays) and a
+    probe decodes past the thinking it was appended to (room for its text and tokens)."""
+    truncated = truncation is not None and truncation.enabled
+    return EngineSpec(model_path, recipe.model.dtype,
+                      max_model_len + (truncation.probe_tokens + PROBE_TEXT_TOKENS if truncated else 0), seed,
+                      rollout_cfg.num_cpus_per_engine, rollout_cfg.num_gpus_per_engine, rollout_cfg.cpu_kvcache_gib,
+                      rollout_cfg.enforce_eager, rollout_cfg.gpu_memory_utilization, recipe.model.trust_remote_code,
+                      prefix_caching=truncated)
 
 
-def training_row(prompt_ids, completion, advantage, mask_truncated) -> TrainingRow:
+def train_sampling(cfg) -> Sampling:
+    r, t = cfg.rollout, cfg.rollout.truncation
+    truncation = Truncation(triggers=tuple(cfg.step_triggers), **t.model_dump(exclude={"enabled"})) if t.enabled else None
+    return Sampling(cfg.group_size, r.temperature, r.top_p, r.max_new_tokens, truncation)
+
+
+def shaped_rewards(scored, completions: list[dict], cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards after group-level shaping (Step-GRPO's step-aware reward, when set), and the steps
+    of each completion."""
+    rewards = torch.tensor(scored.total)
+    steps = torch.tensor([count_steps(c["text"], cfg.step_triggers) for c in completions])
+    shaping = cfg.rewards.step_aware
+    if shaping is not None:
+        accuracy = cfg.rewards.accuracy
+        weight = next(t.weight for t in cfg.rewards.terms if t.verifier == accuracy)
+        factors = efficiency_factors(steps, torch.tensor(scored.correct), cfg.group_size, shaping.beta,
+                                     shaping.mu_over)
+        rewards = step_aware_rewards(rewards, torch.tensor(scored.per_verifier[accuracy]), weight, factors)
+    return rewards, steps
+
+
+def training_row(prompt_ids, completion, advantage, loss_cfg) -> TrainingRow:
     return TrainingRow(prompt_ids, completion["token_ids"], completion["logprobs"], advantage,
-                       masked=mask_truncated and completion["finish_reason"] == "length")
+                       masked=loss_cfg.mask_truncated and completion["finish_reason"] == "length",
+                       inserted=completion.get("inserted"), train_inserted=loss_cfg.train_inserted)
 
 
 def plan_microbatches(rows: list[TrainingRow], num_seqs: float, num_tokens: float, learner_cfg, packing_cfg):
@@ -158,6 +193,7 @@ def step_metrics(scored, completions, train_rows, full_batch, prompts_skipped, s
         "reward/timeouts": scored.timeouts, "reward/errors": scored.errors, "reward/rejected": scored.rejected,
         "response/length_mean": lengths.mean().item(),
         "response/truncated_frac": sum(c["finish_reason"] == "length" for c in completions) / len(completions),
+        "rollout/tokens": lengths.sum().item(),
         "loss/total": total("loss"),
         "loss/policy": total("policy_loss"),
         "loss/kl": total("kl") / tokens,
@@ -176,6 +212,27 @@ def step_metrics(scored, completions, train_rows, full_batch, prompts_skipped, s
         **timing,
     }
     metrics["perf/tokens_per_s"] = lengths.sum().item() / max(timing["timing/step"], 1e-9)
+    return metrics
+
+
+def reasoning_metrics(completions: list[dict], steps: torch.Tensor, correct: list[bool]) -> dict[str, float]:
+    """Steps and tokens per correct answer; with truncated rollouts, how each one ended."""
+    ok = torch.tensor(correct, dtype=torch.bool)
+    lengths = torch.tensor([len(c["token_ids"]) for c in completions], dtype=torch.float32)
+    metrics = {"response/steps_mean": steps.float().mean().item()}
+    if ok.any():
+        metrics["response/steps_per_correct"] = steps[ok].float().mean().item()
+        metrics["response/tokens_per_correct"] = lengths[ok].mean().item()
+    if "exit" not in completions[0]:
+        return metrics
+    for reason in EXIT_REASONS:
+        metrics[f"rollout/exit_{reason}"] = sum(c["exit"] == reason for c in completions) / len(completions)
+    metrics["rollout/probes_mean"] = sum(c["probes"] for c in completions) / len(completions)
+    metrics["rollout/inserted_frac"] = sum(map(sum, (c["inserted"] for c in completions))) / max(1, lengths.sum().item())
+    confidences = torch.tensor([x for c in completions for x in c["confidences"]])
+    if len(confidences):
+        for q in (0.1, 0.5, 0.9):
+            metrics[f"rollout/confidence_p{int(q * 100)}"] = confidences.quantile(q).item()
     return metrics
 
 

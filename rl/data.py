@@ -7,8 +7,12 @@ import numpy as np
 # import of transformers' lazy attributes from two stage threads at once fails.
 from transformers import AutoTokenizer
 
-from launch.preflight import BadRow, DataFileError, local_data_file, read_rows
+from launch.preflight import BadRow, DataFileError, MissingKey, local_data_file, lookup, read_rows
+from rewards.boxed import last_boxed
 from rewards.gsm8k import reference_answer
+
+# data.answer_format: the reference answer from the answer field's text (None: it has none).
+ANSWER_FORMATS = {"gsm8k": reference_answer, "boxed": last_boxed, "raw": str.strip}
 
 
 def load_rows(source) -> list[dict]:
@@ -37,11 +41,36 @@ def load_rows(source) -> list[dict]:
 
 
 def check_columns(name: str, rows: list[dict], *keys: str) -> None:
-    """Raise DataFileError naming `name` unless the first row holds each of `keys`."""
-    missing = [k for k in keys if rows and k not in rows[0]]
+    """Raise DataFileError naming `name` unless the first row holds each of `keys` (dotted: see
+    `launch.preflight.lookup`)."""
+    if not rows:
+        return
+    missing = [k for k in keys if k not in rows[0] and k.split(".")[0] not in rows[0]]
     if missing:
         raise DataFileError(f"{name}: no column {' or '.join(repr(k) for k in missing)} "
                             f"(columns: {', '.join(map(str, rows[0]))}); see data.question_key, data.answer_key")
+    for key in keys:
+        try:
+            lookup(rows[0], key)
+        except MissingKey as e:
+            raise DataFileError(f"{name}: row 1: {e}; see data.question_key, data.answer_key") from None
+
+
+def reference_answers(data_cfg, name: str, rows: list[dict]) -> list[str]:
+    """Each row's reference answer: its `answer_key` field, as `answer_format` says. Raises
+    DataFileError naming `name` and the row where there is none."""
+    normalize = ANSWER_FORMATS[data_cfg.answer_format]
+    answers = []
+    for number, row in enumerate(rows, 1):
+        try:
+            answer = normalize(str(lookup(row, data_cfg.answer_key)))
+        except MissingKey as e:
+            raise DataFileError(f"{name}: row {number}: {e}; see data.answer_key") from None
+        if answer is None:
+            raise DataFileError(f"{name}: row {number}: {data_cfg.answer_key!r} has no complete \\boxed{{}} "
+                                "answer (data.answer_format: boxed)")
+        answers.append(answer)
+    return answers
 
 
 def prompt_text(tokenizer, data_cfg, question: str) -> str:
@@ -56,18 +85,19 @@ def prompt_text(tokenizer, data_cfg, question: str) -> str:
 
 def encode_prompts(tokenizer, data_cfg, rows: list[dict]) -> list[list[int]]:
     """Token ids of each row's prompt, left-truncated to `max_prompt_tokens`."""
-    texts = [prompt_text(tokenizer, data_cfg, row[data_cfg.question_key]) for row in rows]
+    texts = [prompt_text(tokenizer, data_cfg, lookup(row, data_cfg.question_key)) for row in rows]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [p[-data_cfg.max_prompt_tokens:] for p in ids]
 
 
 def load_problems(recipe, split: str, limit: int | None = None) -> tuple[list[list[int]], list[str]]:
     """Prompt token ids and reference answers of the recipe's `train` or `eval` split."""
-    data = recipe.data
+    data, name = recipe.data.for_split(split), getattr(recipe.data, split).path
     rows = load_rows(getattr(data, split))[:limit]
-    check_columns(getattr(data, split).path, rows, data.question_key, data.answer_key)
+    check_columns(name, rows, data.question_key, data.answer_key)
+    references = reference_answers(data, name, rows)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
-    return encode_prompts(tokenizer, data, rows), [reference_answer(str(r[data.answer_key])) for r in rows]
+    return encode_prompts(tokenizer, data, rows), references
 
 
 class PromptSampler:

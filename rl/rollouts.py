@@ -16,7 +16,7 @@ from torch import Tensor
 
 from rl.data import PromptSampler
 from rl.selection import Selector
-from rollout.worker import Generation, RolloutGroup, request_seeds
+from rollout.worker import Generation, RolloutGroup, Sampling, request_seeds
 
 
 @dataclass
@@ -36,9 +36,9 @@ class StepRollouts:
 
 class RolloutScheduler:
     def __init__(self, engines: RolloutGroup, sampler: PromptSampler, selector: Selector, prompts: list[list[int]],
-                 prompts_per_step: int, rollout_cfg, group_size: int, seed: int, policy_version: int):
+                 prompts_per_step: int, sampling: Sampling, max_staleness: int, seed: int, policy_version: int):
         self.engines, self.sampler, self.selector, self.prompts = engines, sampler, selector, prompts
-        self.prompts_per_step, self.cfg, self.group_size, self.seed = prompts_per_step, rollout_cfg, group_size, seed
+        self.prompts_per_step, self.sampling, self.max_staleness, self.seed = prompts_per_step, sampling, max_staleness, seed
         self.policy_version = policy_version  # of the weights the engines hold
         self.in_flight: StepRollouts | None = None
         self.mean_length: dict[int, float] = {}  # per prompt: mean completion length when last generated
@@ -49,10 +49,11 @@ class RolloutScheduler:
         kept, prompt_weights = self.selector.prune_prompts(step, batch)  # DPPO: from the history so far
         seeds = request_seeds(self.seed, step, len(batch))
         ids = [batch[k] for k in kept]
-        typical = sum(self.mean_length.values()) / len(self.mean_length) if self.mean_length else self.cfg.max_new_tokens
+        typical = (sum(self.mean_length.values()) / len(self.mean_length) if self.mean_length
+                   else self.sampling.max_new_tokens)
         expected = [len(self.prompts[i]) + self.mean_length.get(i, typical) for i in ids]
-        pending = self.engines.submit([self.prompts[i] for i in ids], self.group_size, self.cfg.temperature,
-                                      self.cfg.top_p, self.cfg.max_new_tokens, [seeds[k] for k in kept], expected)
+        pending = self.engines.submit([self.prompts[i] for i in ids], self.sampling, "train",
+                                      [seeds[k] for k in kept], expected)
         self.in_flight = StepRollouts(step, batch, kept, prompt_weights, self.policy_version,
                                       self.sampler.state_dict(), pending)
 
@@ -67,7 +68,7 @@ class RolloutScheduler:
         return rollouts, groups
 
     def needs_weights(self, learner_version: int) -> bool:
-        return weights_due(learner_version, self.policy_version, self.cfg.max_staleness)
+        return weights_due(learner_version, self.policy_version, self.max_staleness)
 
 
 def weights_due(learner_version: int, engine_version: int, max_staleness: int) -> bool:

@@ -8,10 +8,14 @@ from dataclasses import dataclass
 class TrainingRow:
     prompt_ids: list[int]
     completion_ids: list[int]
-    rollout_logprobs: list[float] | None  # the engine's per-token log-probs; None: unknown (ratio 1)
+    # The engine's per-token log-probs; None (the whole row or one token): unknown, mismatch ratio 1.
+    rollout_logprobs: list[float | None] | None
     advantage: float
     weight: float = 1.0    # selection's reweighting (DPPO: 1/(1-p)); multiplies the whole token loss
     masked: bool = False   # in no loss term (a truncated completion under `mask_truncated`)
+    # Per completion token: inserted by a truncated rollout, not sampled (rollout/truncation.py).
+    inserted: list[bool] | None = None
+    train_inserted: bool = True  # inserted tokens are in the loss (`loss.train_inserted`)
 
     @property
     def length(self) -> int:
@@ -21,4 +25,14 @@ class TrainingRow:
     @property
     def loss_tokens(self) -> int:
         """Tokens that enter the loss."""
-        return 0 if self.masked else len(self.completion_ids)
+        if self.masked:
+            return 0
+        return len(self.completion_ids) - (sum(self.inserted) if self.inserted and not self.train_inserted else 0)
+
+    def loss_token_mask(self) -> list[bool]:
+        """Per completion token: whether it enters the loss."""
+        if self.masked:
+            return [False] * len(self.completion_ids)
+        if self.inserted is None or self.train_inserted:
+            return [True] * len(self.completion_ids)
+        return [not x for x in self.inserted]

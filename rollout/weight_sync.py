@@ -284,7 +284,7 @@ class WeightSync:
                 self._form_group(engines, names)
             timeout = self.cfg.timeout_s + GRACE_S
             self._wait([w.send_weights.remote() for w in self.learners.workers],
-                       [e.worker_rpc.remote("prunerl_receive_weights", timeout_s=timeout) for e in engines], names,
+                       [e.receive_weights.remote(timeout) for e in engines], names,
                        "weight sync")
         except BaseException:
             self.members = None  # a group that broke off is formed again

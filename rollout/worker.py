@@ -15,6 +15,19 @@ from typing import Callable
 import ray
 
 from rl.liveness import WorkerFailure, gather
+from rollout.truncation import Truncation, truncated_rollout
+
+MODES = ("train", "eval")  # eval decodes plainly: no truncated rollouts
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are sampled: one object for plain sampling and truncated rollouts."""
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    truncation: Truncation | None = None  # Step-GRPO's dynamic truncated rollout, train mode only
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,9 @@ class EngineSpec:
     # of ~35 s (two fewer interpreters importing torch and vLLM). GPU engines keep vLLM's own
     # processes, which overlap scheduling with the forward pass.
     in_process: bool | None = None  # None: in process exactly when the engine has no GPU
+    # For rollouts of several calls per sample (truncated rollouts): each call's prompt is the
+    # previous call's prompt and output. Reset after every weight load.
+    prefix_caching: bool = False
 
     @property
     def runs_in_process(self) -> bool:
@@ -46,7 +62,7 @@ class RolloutWorker:
 
         self.llm = LLM(model=spec.model_path, dtype=spec.dtype, max_model_len=spec.max_model_len, seed=spec.seed,
                        enforce_eager=spec.enforce_eager, gpu_memory_utilization=spec.gpu_memory_utilization,
-                       trust_remote_code=spec.trust_remote_code, enable_prefix_caching=False,
+                       trust_remote_code=spec.trust_remote_code, enable_prefix_caching=spec.prefix_caching,
                        **_deterministic_scheduling(spec),
                        **({"distributed_executor_backend": "uni"} if spec.runs_in_process else {}),
                        # Weight sync calls these methods by name: nothing is pickled.
@@ -58,20 +74,28 @@ class RolloutWorker:
         self._engine_processes = [(p, p.name()) for p in psutil.Process().children(recursive=True)
                                   if p.name().startswith("VLLM")]
 
-    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seeds: list[int] | None = None) -> list[list[dict]]:
-        """For each prompt, n completions as {token_ids, logprobs, finish_reason, text}.
+    def generate(self, prompts: list[list[int]], sampling: Sampling, mode: str = "train",
+                 seeds: list[int] | None = None) -> list[list[dict]]:
+        """For each prompt, `sampling.n` completions as {token_ids, logprobs, finish_reason, text};
+        truncated rollouts (train mode with `sampling.truncation`) add what rollout/truncation.py lists.
 
         With `seeds` (one per prompt) each prompt samples from its own generator, so its
         completions do not depend on which engine runs it or what else is in the batch.
         """
         from vllm import SamplingParams, TokensPrompt
 
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        s = sampling
+        if mode == "train" and s.truncation is not None:
+            return truncated_rollout(self.llm, prompts, seeds or [None] * len(prompts), s.n, s.temperature, s.top_p,
+                                     s.max_new_tokens, s.truncation)
+
         def params(seed):
-            return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                  logprobs=0 if temperature > 0 else None, seed=seed)
+            return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                  logprobs=0 if s.temperature > 0 else None, seed=seed)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                    [params(s) for s in seeds] if seeds is not None else params(None),
+                                    [params(seed) for seed in seeds] if seeds is not None else params(None),
                                     use_tqdm=False)
         return [[_completion(c) for c in out.outputs] for out in outputs]
 
@@ -79,6 +103,12 @@ class RolloutWorker:
         from rollout.weight_sync import TRANSPORTS
 
         TRANSPORTS[transport].receive(self.llm, handle, timeout_s)
+        self.llm.reset_prefix_cache()
+
+    def receive_weights(self, timeout_s: float) -> None:
+        """The collective transport's receiving side (rollout/weight_sync.py) on every vLLM worker."""
+        self.llm.collective_rpc("prunerl_receive_weights", timeout=timeout_s)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def weight_group_member(self) -> tuple[str, list[str]]:
         """This node's IP and the device type of each vLLM worker: how the collective transport
@@ -145,10 +175,8 @@ def engine_env(spec: EngineSpec) -> dict[str, str]:
 class Generation:
     """A generate call in flight on the engines: what was asked, and which engine runs which prompts."""
     prompts: list[list[int]]
-    n: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
+    sampling: Sampling
+    mode: str
     seeds: list[int] | None
     shards: dict[int, list[int]]  # engine index -> prompt positions
     refs: dict = field(default_factory=dict)  # engine index -> its call's ObjectRef
@@ -217,21 +245,22 @@ class RolloutGroup:
                     problems[name] = f"{name}: vLLM process died: {', '.join(dead)}"
         return problems
 
-    def submit(self, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
-               seeds: list[int] | None = None, expected_tokens: list[float] | None = None) -> Generation:
+    def submit(self, prompts: list[list[int]], sampling: Sampling, mode: str = "train", seeds: list[int] | None = None,
+               expected_tokens: list[float] | None = None) -> Generation:
         """Start generating (returns at once). `expected_tokens` per prompt balances the engines'
         shares (default: prompt length + max_new_tokens); `seeds` make the samples independent of that split."""
-        costs = expected_tokens or [len(p) + max_new_tokens for p in prompts]
-        shards = {i: shard for i, shard in enumerate(balance([n * c for c in costs], len(self.workers))) if shard}
-        generation = Generation(prompts, n, temperature, top_p, max_new_tokens, seeds, shards)
+        costs = expected_tokens or [len(p) + sampling.max_new_tokens for p in prompts]
+        shards = {i: shard for i, shard in enumerate(balance([sampling.n * c for c in costs], len(self.workers)))
+                  if shard}
+        generation = Generation(prompts, sampling, mode, seeds, shards)
         for i in shards:
             self._submit_shard(generation, i)
         return generation
 
     def _submit_shard(self, g: Generation, i: int) -> None:
         shard = g.shards[i]
-        g.refs[i] = self.workers[i].generate.remote([g.prompts[j] for j in shard], g.n, g.temperature, g.top_p,
-                                                    g.max_new_tokens, [g.seeds[j] for j in shard] if g.seeds else None)
+        g.refs[i] = self.workers[i].generate.remote([g.prompts[j] for j in shard], g.sampling, g.mode,
+                                                    [g.seeds[j] for j in shard] if g.seeds else None)
 
     def wait(self, g: Generation) -> list[list[dict]]:
         """The completions of a submitted generation, in prompt order; a dead engine is replaced
@@ -252,9 +281,9 @@ class RolloutGroup:
                 results[j] = completions
         return results
 
-    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
+    def generate(self, prompts: list[list[int]], sampling: Sampling, mode: str = "train",
                  seeds: list[int] | None = None) -> list[list[dict]]:
-        return self.wait(self.submit(prompts, n, temperature, top_p, max_new_tokens, seeds))
+        return self.wait(self.submit(prompts, sampling, mode, seeds))
 
     def _replace_failed(self, failure: WorkerFailure) -> list[int]:
         """Replace the engines a failure names (each gets the latest weights), or re-raise it."""

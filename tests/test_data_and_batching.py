@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
+from launch.preflight import DataFileError
 from launch.schema import DataConfig, DataSource
 from rl.batching import padding_fraction, split_across_ranks, token_budget_microbatches
-from rl.data import PromptSampler, encode_prompts, load_rows, prompt_text
+from rl.data import PromptSampler, check_columns, encode_prompts, load_rows, prompt_text, reference_answers
 
 # ---------------------------------------------------------------- PromptSampler
 
@@ -150,6 +152,88 @@ def test_long_prompts_are_left_truncated(tokenizer):
 def test_question_key_picks_the_column(tokenizer):
     cfg = data_config(question_key="problem", chat_template=False)
     assert encode_prompts(tokenizer, cfg, [{"problem": "7 * 3 ?", "question": "2 + 3 ?"}]) == [[12, 13, 10, 11]]
+
+
+def test_question_key_reads_a_nested_field(tokenizer):
+    cfg = data_config(question_key="prompt.0.content", chat_template=False)
+    rows = [{"prompt": [{"role": "user", "content": "7 * 3 ?"}], "question": "2 + 3 ?"}]
+    assert encode_prompts(tokenizer, cfg, rows) == [[12, 13, 10, 11]]
+
+
+# ---------------------------------------------------------------- reference answers
+
+MATH_SOLUTION = "We have $x = \\frac{1}{2} \\cdot 2 = 1$, so the answer is $\\boxed{\\frac{\\sqrt{3}}{2}}$."
+
+
+@pytest.mark.parametrize("answer_format, field, expected", [
+    ("gsm8k", "48/2 = 24 clips\n#### 1,234", "1234"),
+    ("gsm8k", "  \\frac{1}{2} ", "\\frac{1}{2}"),          # no "####": stripped (MATH's answer column)
+    ("gsm8k", 72, "72"),
+    ("boxed", MATH_SOLUTION, "\\frac{\\sqrt{3}}{2}"),
+    ("boxed", "first \\boxed{1}, then \\boxed{ (0, 1] }", "(0, 1]"),
+    ("raw", "  (0, 1] \n", "(0, 1]"),
+    ("raw", "reasoning\n#### 1,234", "reasoning\n#### 1,234"),
+    ("raw", 2.5, "2.5"),
+])
+def test_reference_answer_formats(answer_format, field, expected):
+    cfg = data_config(answer_format=answer_format)
+    assert reference_answers(cfg, "train.jsonl", [{"answer": field}]) == [expected]
+
+
+def test_default_answer_format_is_gsm8k():
+    assert data_config().answer_format == "gsm8k"
+    assert reference_answers(data_config(), "t", [{"answer": "x\n#### 5"}, {"answer": "7"}]) == ["5", "7"]
+
+
+def test_boxed_answer_format_needs_a_box():
+    cfg = data_config(answer_key="solution", answer_format="boxed")
+    rows = [{"solution": MATH_SOLUTION}, {"solution": "the answer is \\boxed{5"}]
+    with pytest.raises(DataFileError, match=r"train.jsonl: row 2: 'solution' has no complete \\boxed\{\} answer"):
+        reference_answers(cfg, "train.jsonl", rows)
+
+
+DAPO_ROW = {"prompt": [{"role": "user", "content": "2 + 3 ?"}], "data_source": "math_dapo",
+            "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"}}
+
+
+def test_answer_key_reads_a_nested_field():
+    """DAPO-Math-17k keeps the answer at reward_model.ground_truth."""
+    cfg = data_config(question_key="prompt.0.content", answer_key="reward_model.ground_truth", answer_format="raw")
+    check_columns("dapo.parquet", [DAPO_ROW], cfg.question_key, cfg.answer_key)
+    assert reference_answers(cfg, "dapo.parquet", [DAPO_ROW]) == ["34"]
+    # A column whose own name has the dots comes first.
+    assert reference_answers(cfg, "t", [{**DAPO_ROW, "reward_model.ground_truth": "35"}]) == ["35"]
+
+
+@pytest.mark.parametrize("key, message", [
+    ("reward_model.answer", "row 1: no key 'answer' in 'reward_model' (keys: ground_truth, style)"),
+    ("data_source.name", "row 1: 'data_source' is text; no 'name' in it for 'data_source.name'"),
+    ("prompt.3.content", "row 1: 'prompt' is an array of length 1; no '3' in it for 'prompt.3.content'"),
+    ("model.ground_truth", "no column 'model.ground_truth' (columns: prompt, data_source, reward_model)"),
+])
+def test_a_missing_nested_field_names_the_missing_part(key, message):
+    with pytest.raises(DataFileError, match=re.escape(f"dapo.parquet: {message}")):
+        check_columns("dapo.parquet", [DAPO_ROW], "prompt.0.content", key)
+
+
+def test_a_later_row_without_the_nested_answer_is_named():
+    rows = [DAPO_ROW, {**DAPO_ROW, "reward_model": None}]
+    with pytest.raises(DataFileError, match=re.escape("t.jsonl: row 2: 'reward_model' is null; no 'ground_truth'")):
+        reference_answers(data_config(answer_key="reward_model.ground_truth"), "t.jsonl", rows)
+
+
+def test_a_split_may_name_its_own_columns():
+    """Train on DAPO-Math's layout, evaluate on MATH-500's: each split reads its own keys."""
+    cfg = DataConfig(train=DataSource(path="dapo.parquet"),
+                     eval=DataSource(path="math500", question_key="problem", answer_key="answer"),
+                     question_key="prompt.0.content", answer_key="reward_model.ground_truth", answer_format="raw")
+    train, evals = cfg.for_split("train"), cfg.for_split("eval")
+    assert (train.question_key, train.answer_key) == ("prompt.0.content", "reward_model.ground_truth")
+    assert (evals.question_key, evals.answer_key, evals.answer_format) == ("problem", "answer", "raw")
+    assert reference_answers(train, "dapo.parquet", [DAPO_ROW]) == ["34"]
+    assert reference_answers(evals, "math500", [{"problem": "x?", "answer": " \\frac{1}{2} "}]) == ["\\frac{1}{2}"]
+    with pytest.raises(DataFileError, match="no column 'problem' or 'answer'"):
+        check_columns("dapo.parquet", [DAPO_ROW], evals.question_key, evals.answer_key)
 
 
 def test_load_rows_from_a_local_jsonl(tmp_path):

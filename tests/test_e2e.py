@@ -162,6 +162,37 @@ def test_async_two_engines_learns_and_resumes_in_data_order(tmp_path):
     assert leftovers() == []
 
 
+STEP_GRPO_METRICS = ["response/steps_mean", "rollout/exit_early_exit", "rollout/exit_natural", "rollout/exit_budget",
+                     "rollout/exit_repetition", "rollout/probes_mean", "rollout/inserted_frac", "reward/boxed_accuracy",
+                     "reward/boxed_format"]
+
+
+@pytest.mark.parametrize("selection", [
+    ["stages.train.algorithm=cppo", "stages.train.selection.completions.rate=0.5"],
+    ["stages.train.algorithm=dppo", "data.train.limit=32", "stages.train.rollout.async=true"],
+], ids=["cppo", "dppo-async"])
+def test_step_grpo_composes_with_selection_and_packing(tmp_path, selection):
+    """Truncated rollouts and the step-aware reward on the testbed policy, under CPPO and under
+    DPPO (with one-step-off rollouts), with dense packing: the run trains and reports how its
+    rollouts ended; the eval stage decodes plainly and keeps every completion."""
+    run_dir = tmp_path / "run"
+    out = run_cli("run", "recipes/step_grpo_quickstart.yaml", "stages.train.steps=3", *selection,
+                  "stages.eval.include_base=false", "stages.eval.limit=8", "--run-dir", str(run_dir))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    metrics = records(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        for key in STEP_GRPO_METRICS:
+            assert math.isfinite(m[key]), (key, m[key])
+        assert sum(m[f"rollout/exit_{r}"] for r in ("early_exit", "natural", "budget", "repetition")) == pytest.approx(1)
+        assert m["train/grad_norm"] > 0 and m["pack/padding_frac"] == 0
+        assert 0 < m["rollout/inserted_frac"] < 0.5
+    if "cppo" in selection[0]:
+        assert all(m["select/kept_frac"] == 0.5 for m in metrics)
+    completions = records(run_dir / "eval" / "completions-train.jsonl")
+    assert len(completions) == 8 and all("</think>" in c["text"] for c in completions)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -143,21 +143,21 @@ def test_engine_core_process_killed_mid_generate_is_replaced(ray_local, capsys):
     call (which then never returns) is seen by the probe; the engine is replaced and, sampling from
     per-prompt seeds, regenerates exactly what an undisturbed call returns."""
     from launch.schema import LivenessConfig
-    from rollout.worker import EngineSpec, RolloutGroup
+    from rollout.worker import EngineSpec, RolloutGroup, Sampling
     from conftest import TINY_POLICY
 
     group = RolloutGroup(EngineSpec(str(TINY_POLICY), "float32", 256, seed=0, in_process=False), engines=1,
                          liveness=LivenessConfig(probe_interval_s=1), max_replacements=1).wait_ready()
     try:
         prompts, seeds = [[5 + i, 9, 17, 3 + i] * 4 for i in range(32)], list(range(32))
-        pending = group.submit(prompts, 8, 1.0, 1.0, 64, seeds)
+        pending = group.submit(prompts, Sampling(8, 1.0, 1.0, 64), seeds=seeds)
         cores = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "VLLM::EngineCore"
                  and any("RolloutWorker" in parent.name() for parent in p.parents())]
         assert len(cores) == 1, cores
         cores[0].kill()
         repaired = group.wait(pending)
         assert "vLLM process died: VLLM::EngineCore" in capsys.readouterr().out
-        assert repaired == group.generate(prompts, 8, 1.0, 1.0, 64, seeds)
+        assert repaired == group.generate(prompts, Sampling(8, 1.0, 1.0, 64), seeds=seeds)
     finally:
         group.shutdown()
 

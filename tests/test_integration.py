@@ -10,7 +10,7 @@ from launch.schema import LivenessConfig, ModelConfig, RLStage
 from rl.controller import plan_microbatches
 from rl.learner_group import LearnerGroup
 from rl.rows import TrainingRow
-from rollout.worker import EngineSpec, RolloutGroup
+from rollout.worker import EngineSpec, RolloutGroup, Sampling
 
 pytestmark = pytest.mark.slow
 MODEL = ModelConfig(path=str(TINY_POLICY), dtype="float32")
@@ -95,7 +95,7 @@ def test_weight_sync_engine_matches_learner(ray_local, tmp_path):
     learners = LearnerGroup(MODEL, cfg, total_optimizer_steps=1, seed=0, liveness=LivenessConfig())
     rollout.wait_ready()
     try:
-        sampled = rollout.generate(prompts, n=4, temperature=T, top_p=1.0, max_new_tokens=24)
+        sampled = rollout.generate(prompts, Sampling(n=4, temperature=T, top_p=1.0, max_new_tokens=24))
         rows = [TrainingRow(p, c["token_ids"], c["logprobs"], 1.0 if k % 2 else -1.0)
                 for p, group in zip(prompts, sampled) for k, c in enumerate(group)]
         assert all(len(c["logprobs"]) == len(c["token_ids"]) for g in sampled for c in g)
@@ -103,8 +103,8 @@ def test_weight_sync_engine_matches_learner(ray_local, tmp_path):
         stats = learners.call("train", per_rank_args=[(mbs, norm) for mbs in per_rank])
         handle = learners.call("publish_weights", "file", str(tmp_path / "sync"), 1)[0]
         rollout.load_weights("file", handle, timeout_s=60)
-        engine_out = [g[0]["token_ids"] for g in rollout.generate(prompts, 1, 0.0, 1.0, 24)]
-        resampled = rollout.generate(prompts, n=2, temperature=T, top_p=1.0, max_new_tokens=24)
+        engine_out = [g[0]["token_ids"] for g in rollout.generate(prompts, Sampling(1, 0.0, 1.0, 24))]
+        resampled = rollout.generate(prompts, Sampling(n=2, temperature=T, top_p=1.0, max_new_tokens=24))
         learners.call("save_hf", str(tmp_path / "hf"), str(TINY_POLICY))
     finally:
         rollout.shutdown()

@@ -26,8 +26,9 @@ def jsonl(rows) -> str:
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
 
 
-def check(path: Path, question_key: str = "question", answer_key: str = "answer") -> list[str]:
-    return data_file_problems("data.train.path", str(path), question_key, answer_key)
+def check(path: Path, question_key: str = "question", answer_key: str = "answer",
+          answer_format: str = "gsm8k") -> list[str]:
+    return data_file_problems("data.train.path", str(path), question_key, answer_key, answer_format)
 
 
 def one_problem(path: Path, fragment: str) -> None:
@@ -199,8 +200,47 @@ def test_parquet_rows_and_columns(tmp_path):
                            f"data.train.path: {path}: row 3: 'answer' is null; expected text or a number"]
     assert load_rows(DataSource(path=str(path), limit=1)) == [{"question": "a?", "answer": "1", "id": 1}]
     assert check(path.with_name("x.parquet")) == [f"data.train.path: file not found: {path.with_name('x.parquet')}"]
-    assert data_file_problems("data.eval.path", str(path), "problem", "answer") == [
+    assert data_file_problems("data.eval.path", str(path), "problem", "answer", "gsm8k") == [
         f"data.eval.path: {path}: no column 'problem' (columns: question, answer, id)"]
+
+
+DAPO = [{"prompt": [{"role": "user", "content": "1+1?"}], "reward_model": {"ground_truth": "2", "style": "rule"}},
+        {"prompt": [{"role": "user", "content": "2+3?"}], "reward_model": {"ground_truth": "5", "style": "rule"}}]
+
+
+def test_nested_keys_in_json_lines(tmp_path):
+    """DAPO-Math-17k's layout: the question and the answer inside nested objects."""
+    path = tmp_path / "dapo.jsonl"
+    path.write_text(jsonl([DAPO[0], {"prompt": [], "reward_model": {"style": "rule"}}, {"prompt": "x"}, DAPO[1],
+                           {"prompt": "x", "reward_model": "7"}]))
+    assert check(path, "prompt.0.content", "reward_model.ground_truth") == [
+        f"data.train.path: {path}:2: 'prompt' is an array of length 0; no '0' in it for 'prompt.0.content'",
+        f"data.train.path: {path}:3: no key 'reward_model.ground_truth' (keys: prompt)",
+        f"data.train.path: {path}:5: 'prompt' is text; no '0' in it for 'prompt.0.content'"]
+    assert check(path, "reward_model.style", "reward_model.ground_truth")[0] == (
+        f"data.train.path: {path}:2: no key 'ground_truth' in 'reward_model' (keys: style)")
+
+
+def test_nested_keys_in_parquet(tmp_path):
+    path = tmp_path / "dapo.parquet"
+    pq.write_table(pa.Table.from_pylist([{**row, "extra": "x" * 10} for row in DAPO]), path)
+    assert check(path, "prompt.0.content", "reward_model.ground_truth") == []
+    assert check(path, "prompt.0.content", "reward_model.answer") == [
+        f"data.train.path: {path}: row {n}: no key 'answer' in 'reward_model' (keys: ground_truth, style)"
+        for n in (1, 2)]
+    assert check(path, "prompt.0.content", "model.ground_truth") == [
+        f"data.train.path: {path}: no column 'model.ground_truth' (columns: prompt, reward_model, extra)"]
+
+
+def test_boxed_answer_format_needs_a_box_in_every_row(tmp_path):
+    path = tmp_path / "math.jsonl"
+    path.write_text(jsonl([{"problem": "1+1?", "solution": "so $\\boxed{2}$."},
+                           {"problem": "2+3?", "solution": "it is 5"},
+                           {"problem": "1/2?", "solution": "\\boxed{\\frac{1}{2}"}]))
+    assert check(path, "problem", "solution", "boxed") == [
+        f"data.train.path: {path}:{n}: 'solution' has no complete \\boxed{{}} answer (data.answer_format: boxed)"
+        for n in (2, 3)]
+    assert check(path, "problem", "solution", "raw") == []
 
 
 def test_load_rows_keeps_values_as_written(tmp_path):
@@ -241,6 +281,10 @@ def test_preflight_of_a_recipe(tmp_path):
     recipe = load_recipe(recipe_file, ["data.question_key=problem", "data.answer_key=solution"])
     assert preflight(recipe) == [f"data.eval.path: {tmp_path / 'eval.csv'}:2: 'solution' is empty; "
                                  "expected text or a number"]
+    recipe = load_recipe(recipe_file, ["data.question_key=problem", "data.answer_key=solution",
+                                       "data.answer_format=boxed", f"data.eval.path={tmp_path / 'train.jsonl'}"])
+    assert preflight(recipe) == [f"data.{split}.path: {tmp_path / 'train.jsonl'}:1: 'solution' has no complete "
+                                 "\\boxed{} answer (data.answer_format: boxed)" for split in ("train", "eval")]
     recipe = load_recipe(recipe_file, ["data.question_key=problem", "data.answer_key=solution",
                                        f"model.path={tmp_path / 'nothing'}", f"data.eval.path={tmp_path / 'train.jsonl'}"])
     assert preflight(recipe) == [f"model.path: no Hugging Face model folder (config.json) at {tmp_path / 'nothing'}"]

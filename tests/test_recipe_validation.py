@@ -128,6 +128,18 @@ SCHEMA_CASES = {
                                         [("stages.train.rewards.terms.0", "not a valid regular expression")]),
     "a verifier twice": (recipe_tree(("stages.0.rewards.terms", [{"verifier": "format"}, {"verifier": "format"}])),
                          [("stages.train.rewards.terms", "repeated: format")]),
+    "option of boxed_format": (recipe_tree(("stages.0.rewards.terms", [{"verifier": "boxed_format", "exact_score": 2}])),
+                               [("stages.train.rewards.terms.0", "verifier 'boxed_format' takes no option exact_score")]),
+    "accuracy not among the terms": (
+        recipe_tree(("stages.0.rewards.terms", [{"verifier": "boxed_accuracy"}, {"verifier": "boxed_format"}]),
+                    ("stages.0.rewards.accuracy", "gsm8k_accuracy")),
+        [("stages.train.rewards.accuracy",
+          "'gsm8k_accuracy' is not the verifier of a term; the terms' verifiers are boxed_accuracy, boxed_format")]),
+    "accuracy of the default terms": (recipe_tree(("stages.0.rewards.accuracy", "boxed_accuracy")),
+                                      [("stages.train.rewards.accuracy", "the terms' verifiers are gsm8k_accuracy")]),
+    "eval accuracy that is no accuracy verifier": (recipe_tree(("stages.1.accuracy", "format")),
+                                                   [("stages.eval.accuracy", "'boxed_accuracy'")]),
+    "bad answer_format": (recipe_tree(("data.answer_format", "latex")), [("data.answer_format", "'boxed' or 'raw'")]),
     "bad stage kind": (recipe_tree(("stages.0.kind", "sft")),
                        [("stages.train.kind", "unknown stage kind 'sft'; expected one of 'rl', 'eval'")]),
     "stage without kind": (recipe_tree(("stages.0.kind",)), [("stages.train.kind", "needs a `kind`")]),
@@ -204,6 +216,13 @@ SCHEMA_CASES = {
                                       [("stages.0.name", "65 characters long; a name has at most 64")]),
     "recipe name with a slash": (recipe_tree(("name", "../elsewhere")), [("name", "not a usable folder name")]),
     "recipe name over 64 characters": (recipe_tree(("name", "n" * 300)), [("name", "300 characters long")]),
+    # Step-GRPO
+    "step reward without an accuracy term": (
+        recipe_tree(("stages.0.rewards", {"terms": [{"verifier": "boxed_format"}], "step_aware": {"beta": 0.5}})),
+        [("stages.train.rewards", "step_aware scales the accuracy term")]),
+    "truncation budget of the whole response": (recipe_tree(("stages.0.rollout.truncation.think_budget", 1.0)),
+                                                [("stages.train.rollout.truncation.think_budget", "less than 1")]),
+    "no step triggers": (recipe_tree(("stages.0.step_triggers", [])), [("stages.train.step_triggers", "at least 1")]),
     # The graph is checked once every stage is valid on its own, so only the field errors show here.
     "several problems in one stage": (
         recipe_tree(("stages.0.rollout.top_p", 1.5), ("stages.0.loss.agg", "mean"), ("stages.1.needs", ["nope"])),
@@ -296,6 +315,23 @@ def test_format_pattern_is_checked_with_the_regex_module(tmp_path):
         recipe = load_recipe(write(tmp_path, recipe_tree(
             ("stages.0.rewards.terms", [{"verifier": "format", "pattern": pattern}]))))
         assert recipe.stages[0].rewards.terms[0].pattern == pattern
+
+
+@pytest.mark.parametrize("terms, accuracy", [
+    ([{"verifier": "format"}, {"verifier": "boxed_accuracy"}, {"verifier": "gsm8k_accuracy"}], "boxed_accuracy"),
+    ([{"verifier": "gsm8k_accuracy"}, {"verifier": "boxed_format"}], "gsm8k_accuracy"),
+    ([{"verifier": "format"}, {"verifier": "boxed_format"}], None),
+])
+def test_accuracy_defaults_to_the_first_accuracy_term(tmp_path, capsys, terms, accuracy):
+    path = write(tmp_path, recipe_tree(("stages.0.rewards.terms", terms)))
+    recipe = load_recipe(path)
+    assert recipe.stages[0].rewards.accuracy == accuracy
+    assert recipe.stages[1].accuracy == "gsm8k_accuracy"  # the eval stage's default, as before
+    rc, out, err = validate(capsys, path)
+    assert (rc, err) == (0, "")
+    assert yaml.safe_load(out)["stages"][0]["rewards"]["accuracy"] == accuracy  # the resolved recipe names it
+    chosen = load_recipe(path, ["stages.train.rewards.accuracy=" + terms[-1]["verifier"]])
+    assert chosen.stages[0].rewards.accuracy == terms[-1]["verifier"]
 
 
 def test_non_finite_override(tmp_path, capsys):
@@ -432,7 +468,7 @@ def test_cli_validate_prints_the_resolved_recipe(cli_runs):
 
 # ---------------------------------------------------------------- valid recipes and overrides
 
-@pytest.mark.parametrize("name", ["quickstart", "grpo_gsm8k", "grpo_gsm8k_7b"])
+@pytest.mark.parametrize("name", ["quickstart", "grpo_gsm8k", "grpo_gsm8k_7b", "step_grpo_math", "step_grpo_quickstart"])
 def test_shipped_recipe_validates_and_round_trips(name, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # quickstart's paths are relative to the repo root, preflight checks them
     path = RECIPES / f"{name}.yaml"

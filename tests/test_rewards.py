@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from math_verify.errors import TimeoutException
+
 from rewards import VERIFIERS, RewardPool, max_chars_for, register
+from rewards.boxed import last_boxed
 from rewards.gsm8k import extract_answer, reference_answer
-from rewards.verifiers import THINK_ANSWER_PATTERN, format_reward, gsm8k_accuracy
+from rewards.verifiers import THINK_ANSWER_PATTERN, boxed_accuracy, boxed_format, format_reward, gsm8k_accuracy
 
 # The pool's workers import test verifiers by module name; they inherit this sys.path.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -180,8 +183,128 @@ def test_format_custom_pattern():
     assert format_reward("123a", "", pattern=r"\d+") == 0.0
 
 
+# --- MATH-style answers: the last \boxed{}, compared by math-verify ------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("so it is \\boxed{\\frac{1}{2}} in the end", "\\frac{1}{2}"),
+    ("\\boxed{1} no, \\boxed{\\frac{3}{4}} then 9", "\\frac{3}{4}"),   # the last box, not the last number
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),                             # escaped braces do not group
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("\\boxed{ 7 }", "7"),
+    ("\\boxed {7}", "7"),
+    ("\\boxed{\\boxed{3}}", "3"),
+    ("The answer is $\\boxed 5$.", "5"),                                # latex's undelimited argument
+    ("it is \\boxed 5.", "5"),
+    ("\\boxed{1} then \\boxed{2", None),                              # the last box is cut off
+    ("\\boxed{" * 2000 + "\\frac{1}{", None),
+    ("\\boxed{}", None),
+    ("\\boxed{  }", None),
+    ("The answer is 5.", None),
+    ("\\fbox{5} \\boxedx{5}", None),
+])
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+# (completion, reference, expected score): forms of MATH answers, right and wrong.
+BOXED_CASES = [
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{\\dfrac12}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{\\tfrac{3}{4}}", "\\dfrac{3}{4}", 1.0),
+    ("\\boxed{\\frac{1}{3}}", "0.333", 0.0),
+    ("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}", 1.0),
+    ("\\boxed{\\sqrt{18}}", "3\\sqrt{2}", 1.0),
+    ("\\boxed{2\\sqrt{3}}", "\\sqrt{3}", 0.0),
+    ("\\boxed{\\pi/3}", "\\frac{\\pi}{3}", 1.0),
+    ("\\boxed{2 \\pi}", "2\\pi", 1.0),
+    ("\\boxed{3.14}", "\\pi", 0.0),
+    ("\\boxed{(0,1]}", "(0, 1]", 1.0),
+    ("\\boxed{[0,1]}", "(0, 1]", 0.0),
+    ("\\boxed{(-\\infty, 2)}", "(-\\infty,2)", 1.0),
+    ("\\boxed{(3, -1)}", "(3,-1)", 1.0),
+    ("\\boxed{(-1, 3)}", "(3,-1)", 0.0),                      # order matters in a coordinate
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3,\\pi/2)", 1.0),
+    ("\\boxed{x = 3}", "3", 1.0),
+    ("\\boxed{3}", "x=3", 1.0),
+    ("\\boxed{y = 2x - 1}", "y=2x+1", 0.0),
+    ("\\boxed{30^\\circ}", "30", 1.0),
+    ("\\boxed{30}", "30^{\\circ}", 1.0),
+    ("\\boxed{\\text{(C)}}", "C", 1.0),
+    ("\\boxed{C}", "\\text{(C)}", 1.0),
+    ("\\boxed{\\text{(B)}}", "\\text{(C)}", 0.0),
+    ("\\boxed{\\text{even}}", "\\text{odd}", 0.0),
+    ("\\boxed{-5}", "-5", 1.0),
+    ("\\boxed{5}", "-5", 0.0),
+    ("\\boxed{\u22125}", "-5", 1.0),                           # unicode minus
+    ("\\boxed{1,000}", "1000", 1.0),
+    ("\\boxed{1000000}", "1,000,000", 1.0),
+    ("\\boxed{100}", "1,000", 0.0),
+    ("\\boxed{\\{1,2,3\\}}", "\\{3,2,1\\}", 1.0),
+    ("\\boxed{3, 5}", "3", 0.0),
+    ("\\boxed{(x+1)^2}", "x^2+2x+1", 1.0),
+    ("\\boxed{x^3}", "x^2", 0.0),
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", 1.0),
+    ("\\boxed{10\\%}", "0.1", 1.0),
+    ("\\boxed{\\$18.90}", "18.9", 1.0),
+    ("\\boxed{12\\text{ inches}}", "12", 1.0),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}} and finally \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0),  # the last box wins
+    ("\\boxed{\\frac{1}{2}} and finally \\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{1}{2}", 0.0),
+    ("The answer is $\\boxed 5$.", "5", 1.0),
+    ("The answer is 5.", "5", 0.0),                            # no box: no answer, whatever the text says
+    ("\\boxed{\\frac{1}{2}", "\\frac{1}{2}", 0.0),             # cut off
+    ("<think>1/2 of it</think>\n<answer>\\boxed{\\frac12}</answer>", "0.5", 1.0),
+]
+
+
+@pytest.mark.parametrize("completion, reference, expected", BOXED_CASES)
+def test_boxed_accuracy(completion, reference, expected):
+    assert boxed_accuracy(completion, reference) == expected
+
+
+def test_boxed_accuracy_grades_exact_above_equivalent():
+    assert boxed_accuracy("\\boxed{\\frac{1}{2}}", " \\frac{1}{2} ", exact_score=2.0, equivalent_score=1.5) == 2.0
+    assert boxed_accuracy("\\boxed{0.5}", "\\frac{1}{2}", exact_score=2.0, equivalent_score=1.5) == 1.5
+    assert boxed_accuracy("\\boxed{0.6}", "\\frac{1}{2}", exact_score=2.0, equivalent_score=1.5) == 0.0
+
+
+@pytest.mark.parametrize("completion, reference", [
+    ("", "1"), ("\\boxed{", "1"), ("\\boxed{1}", ""), ("\\boxed{1}", "   "), ("}}}{{{\\boxed}", "1"),
+    ("\\boxed{\\frac{}{}}", "1"), ("\\boxed{)(}", "1"), ("\\boxed{\\begin{pmatrix}}", "1"), ("\\boxed{\\\\}", "1"),
+    ("\\boxed{\\frac{1}{0}}", "\\infty"), ("\\boxed{1}", "\\frac{"), ("\\boxed{2}", "}"), ("\\boxed{\x00}", "1"),
+])
+def test_boxed_accuracy_malformed_scores_0(completion, reference):
+    assert boxed_accuracy(completion, reference) == 0.0
+
+
+def test_boxed_accuracy_is_bounded():
+    """A comparison past math-verify's limit raises its TimeoutException (the pool counts it); an
+    answer too long to verify only scores when exact."""
+    start = time.monotonic()
+    with pytest.raises(TimeoutException):
+        boxed_accuracy("\\boxed{10^{10^{10}}}", "7")
+    long_sum = "1+" * 5000 + "1"
+    assert boxed_accuracy(f"\\boxed{{{long_sum}}}", "5001") == 0.0
+    assert boxed_accuracy(f"\\boxed{{{long_sum}}}", long_sum) == 1.0
+    assert boxed_accuracy("\\boxed{" * 100_000 + "1", "1") == 0.0
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("so \\boxed{7}", 1.0),
+    ("\\boxed{\\frac{1}{2}} hmm", 1.0),
+    ("$\\boxed 7$", 1.0),
+    ("the answer is 7", 0.0),
+    ("\\boxed{}", 0.0),
+    ("\\boxed{7", 0.0),
+    ("\\boxed{7} or rather \\boxed{\\frac{1}{", 0.0),     # the last box must be complete
+])
+def test_boxed_format(completion, expected):
+    assert boxed_format(completion, "") == expected
+
+
 def test_registry():
-    assert {"gsm8k_accuracy", "format", "sleepy"} <= set(VERIFIERS)
+    assert {"gsm8k_accuracy", "format", "boxed_accuracy", "boxed_format", "sleepy"} <= set(VERIFIERS)
 
     @register("constant_for_test")
     def constant(completion, reference):
@@ -196,7 +319,7 @@ def test_registry():
 def pool():
     terms = [{"verifier": "gsm8k_accuracy", "weight": 2.0},
              {"verifier": "format", "weight": 0.5, "pattern": None}]
-    with RewardPool(terms, workers=2, timeout_s=5.0, chunk_size=2) as p:
+    with RewardPool(terms, workers=2, timeout_s=5.0, chunk_size=2, accuracy="gsm8k_accuracy") as p:
         yield p
 
 
@@ -215,10 +338,45 @@ def test_pool_weighted_total(pool):
 def test_graded_accuracy_scores_exact_above_equivalent():
     """The CPPO paper's GSM8K reward: 2 for the reference string, 1.5 for a math-equal answer."""
     terms = [{"verifier": "gsm8k_accuracy", "weight": 1.0, "exact_score": 2.0, "equivalent_score": 1.5}]
-    with RewardPool(terms, workers=1) as graded:
+    with RewardPool(terms, workers=1, accuracy="gsm8k_accuracy") as graded:
         result = graded.score(["#### 72", "#### 72.0", "#### 71", "#### 1,234"], ["72", "72", "72", "1234"])
     assert result.total == [2.0, 1.5, 0.0, 2.0]
     assert result.correct == [True, True, False, True]
+
+
+def test_pool_with_boxed_accuracy_defines_correct():
+    """A MATH recipe's terms (Step-GRPO: accuracy plus format): `correct` follows boxed_accuracy, and
+    malformed completions are scored 0 or counted, never fatal."""
+    terms = [{"verifier": "boxed_format", "weight": 0.5}, {"verifier": "boxed_accuracy", "weight": 1.0}]
+    completions = ["so \\boxed{\\dfrac12}",                  # right
+                   "\\boxed{x = 3}",                          # right: 3
+                   "\\boxed{(0, 1)}",                         # wrong interval, formatted
+                   "the answer is 0.5",                       # no box
+                   "\\boxed{\\frac{1}{2}",                     # cut off
+                   "\\boxed{" * 2000 + "\\frac{1}{",             # unbalanced
+                   "\\boxed{10^{10^{10}}}",                    # math-verify times out
+                   "",                                        # rejected
+                   "\\boxed{30^\\circ}"]                       # right: 30
+    references = ["0.5", "3", "(0, 1]", "0.5", "\\frac{1}{2}", "1", "7", "1", "30"]
+    with RewardPool(terms, workers=1, timeout_s=10.0, chunk_size=4, accuracy="boxed_accuracy") as boxed:
+        start = time.monotonic()
+        result = boxed.score(completions, references)
+        assert time.monotonic() - start < 20
+    assert result.per_verifier["boxed_accuracy"] == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert result.per_verifier["boxed_format"] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert result.total == [1.5, 1.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 1.5]
+    assert result.correct == [True, True, False, False, False, False, False, False, True]
+    assert (result.timeouts, result.errors, result.rejected) == (1, 0, 1)
+
+
+def test_pool_accuracy_names_the_term_that_defines_correct():
+    """With both accuracy verifiers as terms, `correct` follows the one named, not gsm8k_accuracy."""
+    terms = [{"verifier": "gsm8k_accuracy", "weight": 1.0}, {"verifier": "boxed_accuracy", "weight": 1.0}]
+    completions, references = ["#### 7", "\\boxed{7}"], ["7", "7"]
+    for accuracy, correct in [("boxed_accuracy", [False, True]), ("gsm8k_accuracy", [True, True]),
+                              (None, [False, False])]:
+        with RewardPool(terms, workers=1, accuracy=accuracy) as p:
+            assert p.score(completions, references).correct == correct, accuracy
 
 
 def test_pool_keeps_order_across_chunks(pool):
@@ -276,7 +434,7 @@ def test_pool_scores_a_long_completion_within_max_chars_for(pool):
     assert 60_000 < len(long_right) < max_chars_for(4096)
     assert pool.score([long_right], ["72"]).rejected == 1  # the fixed 20,000 default refuses it
     terms = [{"verifier": "gsm8k_accuracy", "weight": 1.0}, {"verifier": "format", "weight": 0.5}]
-    with RewardPool(terms, workers=1, max_chars=max_chars_for(4096)) as long_pool:
+    with RewardPool(terms, workers=1, max_chars=max_chars_for(4096), accuracy="gsm8k_accuracy") as long_pool:
         start = time.monotonic()
         result = long_pool.score([long_right] * 4 + [long_right.replace("{72}", "{71}")], ["72"] * 5)
         assert time.monotonic() - start < 10
@@ -287,7 +445,7 @@ def test_pool_scores_a_long_completion_within_max_chars_for(pool):
 def test_pool_counts_a_format_regex_timeout():
     terms = [{"verifier": "format", "weight": 1.0, "pattern": r"^(a|a)*$"}]
     # timeout_s far above the format limit: the regex's own timeout must end it, not the pool.
-    with RewardPool(terms, workers=1, timeout_s=60.0) as slow:
+    with RewardPool(terms, workers=1, timeout_s=60.0, accuracy=None) as slow:
         start = time.monotonic()
         result = slow.score(["a" * 40 + "b", "aaaa"], ["", ""])
         assert time.monotonic() - start < 10
@@ -298,14 +456,16 @@ def test_pool_counts_a_format_regex_timeout():
 
 def test_pool_max_chars_is_a_limit_not_a_truncation():
     long_but_right = "x" * 30 + " #### 7"
-    with RewardPool([{"verifier": "gsm8k_accuracy", "weight": 1.0}], workers=1, max_chars=30) as small:
+    with RewardPool([{"verifier": "gsm8k_accuracy", "weight": 1.0}], workers=1, max_chars=30,
+                    accuracy="gsm8k_accuracy") as small:
         result = small.score([long_but_right, "#### 7"], ["7", "7"])
     assert result.total == [0.0, 1.0]
     assert result.rejected == 1
 
 
 def test_pool_timeout_kills_a_hung_task():
-    with RewardPool([{"verifier": "sleepy", "weight": 1.0}], workers=2, timeout_s=0.5, chunk_size=4) as slow:
+    with RewardPool([{"verifier": "sleepy", "weight": 1.0}], workers=2, timeout_s=0.5, chunk_size=4,
+                    accuracy=None) as slow:
         start = time.monotonic()
         result = slow.score(["a", "sleep", "b", "c", "d"], ["0"] * 5)
         assert time.monotonic() - start < 20  # the verifier sleeps 60 s
@@ -318,10 +478,10 @@ def test_pool_timeout_kills_a_hung_task():
 
 def test_pool_counts_errors_and_dead_workers():
     terms = [{"verifier": "faulty", "weight": 3.0}]
-    with RewardPool(terms, workers=1, timeout_s=5.0, chunk_size=8) as pool_:
+    with RewardPool(terms, workers=1, timeout_s=5.0, chunk_size=8, accuracy=None) as pool_:
         result = pool_.score(["ok", "raise", "nan", "die", "ok"], ["0"] * 5)
     assert result.total == [3.0, 0.0, 0.0, 0.0, 3.0]
-    assert result.correct == [False] * 5  # no gsm8k_accuracy term
+    assert result.correct == [False] * 5  # no accuracy verifier
     assert (result.errors, result.timeouts) == (3, 0)
 
 
@@ -333,11 +493,16 @@ def test_pool_counts_errors_and_dead_workers():
 ])
 def test_pool_rejects_bad_terms(terms):
     with pytest.raises(ValueError):
-        RewardPool(terms)
+        RewardPool(terms, accuracy=None)
+
+
+def test_pool_accuracy_must_be_a_term():
+    with pytest.raises(ValueError, match="'boxed_accuracy' is not one of the terms"):
+        RewardPool([{"verifier": "gsm8k_accuracy", "weight": 1.0}], accuracy="boxed_accuracy")
 
 
 def test_pool_close():
-    p = RewardPool([{"verifier": "format", "weight": 1.0, "pattern": r"\d+"}], workers=1)
+    p = RewardPool([{"verifier": "format", "weight": 1.0, "pattern": r"\d+"}], workers=1, accuracy=None)
     with p:
         assert p.score(["12", "ab"], ["", ""]).total == [1.0, 0.0]
     with pytest.raises(RuntimeError):
@@ -349,7 +514,7 @@ def test_pool_survives_a_worker_killed_while_idle(capsys):
     new one and says so); either way the next batch is scored in full."""
     import psutil
 
-    with RewardPool([{"verifier": "gsm8k_accuracy", "weight": 1.0}], workers=2) as pool:
+    with RewardPool([{"verifier": "gsm8k_accuracy", "weight": 1.0}], workers=2, accuracy="gsm8k_accuracy") as pool:
         assert pool.score(["#### 5"], ["5"]).correct == [True]  # workers are up
         me = psutil.Process()
         workers = [p for p in me.children(recursive=True) if p.ppid() != me.pid]  # forked by the forkserver

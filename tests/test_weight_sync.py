@@ -18,7 +18,7 @@ from rl.learner import free_port
 from rl.learner_group import LearnerGroup
 from rl.liveness import WorkerFailure
 from rollout.weight_sync import WeightSync, buckets_from_json, buckets_to_json, flatten, plan_buckets, unflatten
-from rollout.worker import EngineSpec, RolloutGroup
+from rollout.worker import EngineSpec, RolloutGroup, Sampling
 from test_integration import MODEL, fixed_rows, plan, stage_cfg
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -112,7 +112,7 @@ SEEDS = [11, 22, 33]
 
 def sample(group: RolloutGroup, prompts) -> list[list[dict]]:
     """Sampled completions with their log-probs; per-prompt seeds make them independent of the engine."""
-    return group.generate(prompts, n=2, temperature=0.7, top_p=1.0, max_new_tokens=16, seeds=SEEDS)
+    return group.generate(prompts, Sampling(n=2, temperature=0.7, top_p=1.0, max_new_tokens=16), seeds=SEEDS)
 
 
 def assert_same_samples(got, expected, what: str) -> None:

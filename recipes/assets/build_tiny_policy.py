@@ -27,6 +27,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -58,9 +59,14 @@ def format_prompt(question: str) -> str:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE with Qwen2's normalizer/pre-tokenizer, wrapped as a Qwen2Tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def train_tokenizer(texts: list[str], vocab_size: int, added_tokens: Sequence[str] = ()):
+    """Byte-level BPE with Qwen2's normalizer/pre-tokenizer, wrapped as a Qwen2Tokenizer.
+
+    ``added_tokens`` (e.g. ``<think>``, ``</think>``) get ids after the trained vocabulary and are
+    not special, as in Qwen3: each encodes to one id and survives ``skip_special_tokens=True``
+    decoding. BPE training sees the texts split around them, as encoding does.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE())
@@ -76,7 +82,13 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(texts, trainer)
+    corpus = texts
+    if added_tokens:
+        split = re.compile("|".join(map(re.escape, added_tokens)))
+        corpus = [piece for text in texts for piece in split.split(text)]
+    bpe.train_from_iterator(corpus, trainer)
+    added = [AddedToken(t, special=False, normalized=False) for t in added_tokens]
+    bpe.add_tokens(added)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     # Build the tokenizer through Qwen2Tokenizer itself: what is saved is what reloads.
@@ -85,6 +97,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         model_max_length=MAX_LEN,
         additional_special_tokens=SPECIAL_TOKENS[1:],
     )
+    tok.add_tokens(added)
     tok.chat_template = CHAT_TEMPLATE
     for text in texts[:200]:  # the wrapper must not change the trained tokenization
         assert tok(text)["input_ids"] == bpe.encode(text).ids
@@ -143,7 +156,15 @@ def make_batch(examples: list[tuple[list[int], int]], pad_id: int):
     return input_ids, labels, mask
 
 
-def pretrain(model, examples, *, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 100):
+def pretrain(model, examples, *, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 100,
+             bucket: int = 1):
+    """AdamW on shuffled batches, the loss a mean over target tokens.
+
+    With ``bucket`` > 1, ``bucket`` batches are drawn at a time and formed from examples of similar
+    length, in shuffled order: less padding for long examples. Their losses are then divided by
+    the mean number of target tokens of those batches, not each by its own, so that a token of a
+    short example weighs no more than one of a long example, as without bucketing.
+    """
     rng = random.Random(seed)
     pad_id = model.config.pad_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -157,15 +178,24 @@ def pretrain(model, examples, *, steps: int, batch_size: int, lr: float, seed: i
 
     model.train()
     order: list[int] = []
+    batches: list[list] = []
     t0, running = time.time(), 0.0
     for step in range(steps):
-        if len(order) < batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
-        batch = [examples[order.pop()] for _ in range(batch_size)]
+        if not batches:
+            if len(order) < batch_size * bucket:
+                order += rng.sample(range(len(examples)), len(examples))
+            drawn = [examples[order.pop()] for _ in range(batch_size * bucket)]
+            loss_kwargs = {}
+            if bucket > 1:
+                drawn.sort(key=lambda example: len(example[0]))
+                loss_kwargs["num_items_in_batch"] = sum(len(ids) - n_prompt for ids, n_prompt in drawn) / bucket
+            batches = [drawn[i : i + batch_size] for i in range(0, len(drawn), batch_size)]
+            rng.shuffle(batches)  # one batch: draws nothing from rng
+        batch = batches.pop()
         input_ids, labels, mask = make_batch(batch, pad_id)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels, **loss_kwargs).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
