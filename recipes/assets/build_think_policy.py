@@ -1,5 +1,6 @@
 """Rebuild the tiny thinking policy in recipes/assets/tiny-qwen2-think/ from scratch, offline:
-the Step-GRPO testbed's policy (docs: /work/shared/specs/ALGORITHMS.md §4).
+the Step-GRPO testbed's policy (spec: ../shared/specs/ALGORITHMS.md §4; docs/architecture.md,
+Step-GRPO).
 
 It writes ``<think> ... </think>`` traces with a random number (0-4) of redundant "Wait, let me
 check" steps, as in recipes/assets/synth_think.py, so that Step-GRPO's step reward has steps to

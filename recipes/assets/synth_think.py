@@ -1,5 +1,6 @@
 """Seeded generator of synthetic word problems with ``<think>`` traces that contain redundant
-"Wait" steps: the data of the Step-GRPO testbed (docs: /work/shared/specs/ALGORITHMS.md §4).
+"Wait" steps: the data of the Step-GRPO testbed (spec: ../shared/specs/ALGORITHMS.md §4;
+docs/architecture.md, Step-GRPO).
 
 The problems are synth_gsm8k's (same templates, same seeded stream of distinct questions: with
 the same seed and sizes, the same problems as synth_gsm8k's train/eval files, in order). Each
