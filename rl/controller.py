@@ -45,8 +45,7 @@ def run_rl_stage(ctx) -> dict:
         start_step = state["step"]
         # Engines, the reward pool and the learners start together; the engines take longest.
         engines = RolloutGroup(engine_spec(recipe, recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens, recipe.seed,
-                                           str(resume_from / "hf") if resume_from else recipe.model.path, cfg.rollout,
-                                           truncation=cfg.rollout.truncation),
+                                           str(resume_from / "hf") if resume_from else recipe.model.path, cfg.rollout),
                                cfg.rollout.engines, recipe.cluster.liveness, max_replacements=recipe.cluster.max_restarts)
         cleanup.callback(engines.shutdown)
         reward_pool = cleanup.enter_context(
@@ -126,10 +125,11 @@ def push_weights(weights: WeightSync, rollouts: RolloutScheduler, version: int) 
     rollouts.policy_version = version
 
 
-def engine_spec(recipe, max_model_len: int, seed: int, model_path: str, rollout_cfg, truncation=None) -> EngineSpec:
+def engine_spec(recipe, max_model_len: int, seed: int, model_path: str, rollout_cfg) -> EngineSpec:
     """Truncated rollouts call the engine several times per sample (prefix caching pays) and a
     probe decodes past the thinking it was appended to (room for its text and tokens)."""
-    truncated = truncation is not None and truncation.enabled
+    truncation = rollout_cfg.truncation
+    truncated = truncation.enabled
     return EngineSpec(model_path, recipe.model.dtype,
                       max_model_len + (truncation.probe_tokens + PROBE_TEXT_TOKENS if truncated else 0), seed,
                       rollout_cfg.num_cpus_per_engine, rollout_cfg.num_gpus_per_engine, rollout_cfg.cpu_kvcache_gib,

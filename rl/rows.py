@@ -25,9 +25,7 @@ class TrainingRow:
     @property
     def loss_tokens(self) -> int:
         """Tokens that enter the loss."""
-        if self.masked:
-            return 0
-        return len(self.completion_ids) - (sum(self.inserted) if self.inserted and not self.train_inserted else 0)
+        return sum(self.loss_token_mask())
 
     def loss_token_mask(self) -> list[bool]:
         """Per completion token: whether it enters the loss."""

@@ -116,7 +116,7 @@ def truncated_rollout(llm, prompts: list[list[int]], seeds: list[int | None], n:
 
     def advance(s: _Sample, c) -> None:
         """Move `s` on by the output `c` of its last request."""
-        ids, logprobs = list(c.token_ids), _sampled_logprobs(c)
+        ids, logprobs = list(c.token_ids), sampled_logprobs(c)
         if s.phase == "answer":
             s.append(ids, logprobs)
             s.phase, s.finish_reason = "done", c.finish_reason
@@ -201,7 +201,8 @@ def _confidence(logprobs: list[float]) -> float:
     return math.exp(sum(rest) / len(rest)) if rest else 0.0
 
 
-def _sampled_logprobs(c) -> list[float]:
+def sampled_logprobs(c) -> list[float]:
+    """The engine's log-prob of each sampled token of a vLLM completion (requested with logprobs=0)."""
     return [step[token].logprob for token, step in zip(c.token_ids, c.logprobs)]
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 import ray
 
 from rl.liveness import WorkerFailure, gather
-from rollout.truncation import Truncation, truncated_rollout
+from rollout.truncation import Truncation, sampled_logprobs, truncated_rollout
 
 MODES = ("train", "eval")  # eval decodes plainly: no truncated rollouts
 
@@ -157,7 +157,7 @@ def request_seeds(seed: int, step: int, count: int) -> list[int]:
 def _completion(c) -> dict:
     logprobs = None
     if c.logprobs is not None:
-        logprobs = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)]
+        logprobs = sampled_logprobs(c)
     return {"token_ids": list(c.token_ids), "logprobs": logprobs,
             "finish_reason": c.finish_reason, "text": c.text}
 
