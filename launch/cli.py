@@ -13,6 +13,8 @@ import time
 import traceback
 from pathlib import Path
 
+import yaml
+
 from launch.config import RecipeError, dump_recipe, load_recipe
 from launch.preflight import preflight
 from rl.fileio import write_json_atomic, write_text_atomic
@@ -117,7 +119,12 @@ def cmd_run(args) -> int:
         resolved = dump_recipe(recipe)
         recipe_file = run_dir / "recipe.yaml"
         if recipe_file.exists() and recipe_file.read_text() != resolved:
-            raise RecipeError([f"{run_dir}: holds a run of a different recipe; resume it unchanged or pick another --run-dir"])
+            earlier = yaml.safe_load(recipe_file.read_text()) or {}
+            if earlier.get("name") != recipe.name:
+                raise RecipeError([f"{run_dir}: holds a run of recipe '{earlier.get('name')}', not '{recipe.name}'; "
+                                   f"pick another --run-dir"])
+            print(f"[prunerl] the recipe changed since the last run in {run_dir}: stages whose config or inputs "
+                  f"changed run again, the others are kept", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(recipe_file, resolved)
     except RecipeError as e:

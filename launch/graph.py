@@ -1,12 +1,18 @@
 """The job graph: stages sorted by `needs`, independent ones run concurrently.
 
-A stage is done when `<run_dir>/<stage>/status.json` says so; a resubmitted run skips done stages.
-Each stage writes its artifact under its own folder and records where it came from (lineage).
+Each stage writes its artifact under its own folder and records in `<run_dir>/<stage>/status.json`
+its state (waiting, running, done, failed, cancelled, skipped, interrupted) and its lineage: a hash
+of its resolved config and the versions of the artifacts it consumed. A resubmitted run skips a
+done stage only when its lineage is unchanged; a stage that runs again gets a new version, so what
+depends on it runs again too.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 
@@ -34,57 +40,113 @@ def read_status(stage_dir: Path) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
-def run_graph(recipe, run_dir: Path, resume: bool = False, log=print) -> dict[str, dict]:
-    """Run every stage not yet done; returns {stage: artifact record}. Raises StageFailed when a
-    stage fails and RunInterrupted on Ctrl-C / SIGTERM, after stopping the stages still running.
+def lineage(recipe, stage, inputs: dict[str, dict]) -> dict:
+    """What a stage's output depends on: its config, the recipe's model/data/seed, its inputs' versions."""
+    config = json.dumps([stage.model_dump(mode="json"), recipe.model.model_dump(mode="json"),
+                         recipe.data.model_dump(mode="json"), recipe.seed], sort_keys=True)
+    return {"config": hashlib.sha256(config.encode()).hexdigest()[:16],
+            "inputs": {name: art.get("version") for name, art in sorted(inputs.items())}}
 
-    Each stage's controller runs in a driver thread (so its progress lines reach the console) and
-    places its own workers on the cluster as Ray actors with the resources its config declares.
+
+def run_graph(recipe, run_dir: Path, resume: bool = False, log=print) -> dict[str, dict]:
+    """Run every stage whose output is missing or stale; returns {stage: artifact record}.
+
+    When a stage fails, `cluster.on_stage_failure` decides: `cancel` stops the stages still running
+    and raises at once; `finish` lets independent branches run to the end, then raises. Either way
+    the stages that need a failed one are marked skipped. Raises RunInterrupted on Ctrl-C / SIGTERM,
+    after stopping the stages still running.
     """
-    from launch.stages import load_runner, run_stage
+    from launch.stages import load_runner
 
     stages = {s.name: s for s in recipe.stages}
     runners = {s.kind: load_runner(s.kind) for s in recipe.stages}
     artifacts: dict[str, dict] = {}
+    unfinished: set[str] = set()  # failed, cancelled or skipped
+    failure: StageFailed | None = None
     running: dict[Future, str] = {}
     waiting = topological_order({n: s.needs for n, s in stages.items()})
-
-    for name in list(waiting):
-        status = read_status(run_dir / name)
-        if status and status.get("state") == "done":
-            log(f"[graph] stage '{name}' already done, skipping")
-            artifacts[name] = status["artifact"]
-            waiting.remove(name)
 
     pool = ThreadPoolExecutor(max_workers=max(1, len(stages)), thread_name_prefix="stage")
     try:
         while waiting or running:
-            for name in [n for n in waiting if all(d in artifacts for d in stages[n].needs)]:
+            for name in list(waiting):
                 stage = stages[name]
-                inputs = {d: artifacts[d] for d in stage.needs}
-                (run_dir / name).mkdir(parents=True, exist_ok=True)
-                write_json_atomic(run_dir / name / "status.json", {
-                    "state": "running", "kind": stage.kind, "started": time.time(), "inputs": inputs})
-                running[pool.submit(run_stage, runners[stage.kind], recipe, name, run_dir, inputs, resume, log)] = name
-                waiting.remove(name)
-                log(f"[graph] stage '{name}' ({stage.kind}) started")
-            done = next(as_completed(running))
-            name = running.pop(done)
+                blocked = [d for d in stage.needs if d in unfinished]
+                if blocked:
+                    _finish(run_dir / name, "skipped", error=f"needs stage(s) that did not finish: {', '.join(blocked)}")
+                    log(f"[graph] stage '{name}' skipped: {', '.join(blocked)} did not finish")
+                    unfinished.add(name)
+                    waiting.remove(name)
+                elif all(d in artifacts for d in stage.needs):
+                    waiting.remove(name)
+                    inputs = {d: artifacts[d] for d in stage.needs}
+                    done = _reusable(run_dir / name, lineage(recipe, stage, inputs), log)
+                    if done is not None:
+                        artifacts[name] = done
+                        continue
+                    future = pool.submit(_start, runners[stage.kind], recipe, stage, run_dir, inputs, resume, log)
+                    running[future] = name
+            if not running:
+                break
+            future = next(as_completed(running))
+            name = running.pop(future)
             try:
-                artifacts[name] = done.result()
+                artifacts[name] = {**future.result(), "version": uuid.uuid4().hex[:12]}
             except Exception as e:
                 _finish(run_dir / name, "failed", error=f"{type(e).__name__}: {e}")
-                raise StageFailed(name, e) from e
+                unfinished.add(name)
+                failure = failure or StageFailed(name, e)
+                if recipe.cluster.on_stage_failure == "cancel":
+                    raise failure from e
+                log(f"[graph] {StageFailed(name, e)}; independent stages go on (cluster.on_stage_failure: finish)")
+                continue
             status = _finish(run_dir / name, "done", artifact=artifacts[name])
             log(f"[graph] stage '{name}' done in {status['finished'] - status['started']:.1f}s")
+        if failure is not None:
+            raise failure
     except BaseException as e:  # a failed stage, Ctrl-C or SIGTERM: stop the stages still running
-        _stop(running, run_dir, "failed" if isinstance(e, StageFailed) else "interrupted", log)
+        _stop(running, run_dir, "cancelled" if isinstance(e, StageFailed) else "interrupted", log)
         if isinstance(e, KeyboardInterrupt):
             raise RunInterrupted("interrupted") from None
         raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return artifacts
+
+
+def _reusable(stage_dir: Path, current: dict, log) -> dict | None:
+    """The artifact of a done stage whose lineage is unchanged, else None (the stage must run)."""
+    previous = read_status(stage_dir)
+    if previous is None:
+        return None
+    if previous.get("lineage") == current and previous["state"] == "done":
+        log(f"[graph] stage '{stage_dir.name}' already done with the same config and inputs, skipping")
+        return previous["artifact"]
+    if previous.get("lineage") != current:
+        log(f"[graph] stage '{stage_dir.name}': its config or inputs changed since it last ran; running it again")
+    return None
+
+
+def _start(runner, recipe, stage, run_dir: Path, inputs: dict, resume: bool, log) -> dict:
+    """Run a stage in this (pool) thread: record it waiting, reserve its resources, run it."""
+    from launch.stages import run_stage
+
+    stage_dir, current = run_dir / stage.name, lineage(recipe, stage, inputs)
+    previous = read_status(stage_dir)
+    resume = resume and previous is not None and previous.get("lineage") == current
+    checkpoints = run_dir / "checkpoints" / stage.name
+    if not resume and checkpoints.exists():  # from an earlier attempt; a restart must not resume from them
+        shutil.rmtree(checkpoints)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(stage_dir / "status.json", {"state": "waiting", "kind": stage.kind, "inputs": inputs,
+                                                  "lineage": current, "started": time.time()})
+
+    def placed():
+        status = read_status(stage_dir)
+        write_json_atomic(stage_dir / "status.json", {**status, "state": "running", "started": time.time()})
+        log(f"[graph] stage '{stage.name}' ({stage.kind}) started")
+
+    return run_stage(runner, recipe, stage.name, run_dir, inputs, resume, log, on_placed=placed)
 
 
 STOP_GRACE_S = 60  # how long stopping stages get to stop their workers
@@ -95,17 +157,17 @@ def _stop(running: dict[Future, str], run_dir: Path, why: str, log) -> None:
     if not running:
         return
     log(f"[graph] stopping stage(s) {', '.join(running.values())} ...")
-    request_stop("another stage failed" if why == "failed" else why)
+    request_stop("another stage failed" if why == "cancelled" else why)
     try:
         wait(list(running), timeout=STOP_GRACE_S)
         for future, name in running.items():
             error = future.exception() if future.done() else None
             if future.done() and error is None:
-                _finish(run_dir / name, "done", artifact=future.result())
+                _finish(run_dir / name, "done", artifact={**future.result(), "version": uuid.uuid4().hex[:12]})
             elif error is not None and not isinstance(error, RunInterrupted):
                 _finish(run_dir / name, "failed", error=f"{type(error).__name__}: {error}")
             else:
-                _finish(run_dir / name, "interrupted")
+                _finish(run_dir / name, why)
     finally:
         clear_stop()
 
@@ -113,6 +175,7 @@ def _stop(running: dict[Future, str], run_dir: Path, why: str, log) -> None:
 def _finish(stage_dir: Path, state: str, **fields) -> dict:
     status = read_status(stage_dir) or {"started": time.time()}
     status.update(state=state, finished=time.time(), **fields)
+    stage_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stage_dir / "status.json", status)
     return status
 

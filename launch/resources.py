@@ -10,15 +10,7 @@ KINDS = ("CPU", "GPU")
 
 def stage_demands(stage) -> list[tuple[str, int, dict[str, float]]]:
     """(field path, count, resources of one worker) for each kind of worker a stage starts."""
-    path = f"stages.{stage.name}"
-    if stage.kind == "rl":
-        learner, rollout = stage.learner, stage.rollout
-        return [(f"{path}.learner", learner.ranks, {"CPU": learner.num_cpus_per_rank, "GPU": learner.num_gpus_per_rank}),
-                (f"{path}.rollout", rollout.engines,
-                 {"CPU": rollout.num_cpus_per_engine, "GPU": rollout.num_gpus_per_engine})]
-    if stage.kind == "eval":
-        return [(path, 1, {"CPU": stage.num_cpus, "GPU": stage.num_gpus})]
-    return []
+    return [(w.path, w.count, {"CPU": w.cpus, "GPU": w.gpus}) for w in stage.workers()]
 
 
 def resource_problems(recipe, nodes: list[dict[str, float]]) -> list[str]:

@@ -1,65 +1,19 @@
 """The recipe schema: the single source of every default.
 
-A recipe is one YAML file. It is parsed into `Recipe`; unknown keys are errors. Stage kinds are
-registered in `launch.stages`; each kind contributes its own config class to the `stages` union.
+A recipe is one YAML file. It is parsed into `Recipe`; unknown keys are errors. Each stage kind is
+one entry of `STAGE_KINDS` (its config class and its runner): the `stages` union, the graph runner
+and the docs generator all read it.
 """
 from __future__ import annotations
 
-import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import regex
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-
-# Recipe names become folders `<run_root>/<name>-<timestamp>`, stage names folders of the run dir.
-NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
-NAME_MAX_LENGTH = 64
-# What a run dir holds besides one folder per stage (see launch/cli.py, rl/tracking.py, rl/controller.py).
-RUN_DIR_ENTRIES = ("recipe.yaml", "summary.json", "metrics.jsonl", "checkpoints", "wandb")
-# Workers seed vLLM (which calls numpy's `np.random.seed`, limited to [0, 2**32)) with
-# seed + engine index + 7919 * resumed step; keeping seeds below 2**31 leaves room for 2**31 / 7919
-# (about 270,000) steps.
-SEED_LIMIT = 2**31
-
-
-def clip(text: str, limit: int = 60) -> str:
-    """`text` cut to `limit` characters, for echoing user input in error messages."""
-    return text if len(text) <= limit else f"{text[:limit - 3]}..."
-
-
-def name_problem(name: str, stage: bool = False) -> str | None:
-    """Why `name` cannot be a recipe (or, `stage`, a stage) folder name, or None when it can."""
-    if len(name) > NAME_MAX_LENGTH:
-        return f"{clip(name, 20)!r} is {len(name)} characters long; a name has at most {NAME_MAX_LENGTH}"
-    if not re.fullmatch(NAME_PATTERN, name):
-        return (f"{clip(name)!r} is not a usable folder name: use letters, digits, '_', '.' and '-', "
-                f"and do not start with '.' or '-'")
-    if stage and name.casefold() in RUN_DIR_ENTRIES:
-        return (f"{name!r} would clash with the run directory's own {name.casefold()}; pick another "
-                f"stage name (reserved: {', '.join(RUN_DIR_ENTRIES)})")
-    return None
-
-
-def _usable(stage: bool):
-    def check(name: str) -> str:
-        problem = name_problem(name, stage)
-        if problem:
-            raise ValueError(problem)
-        return name
-    return AfterValidator(check)
-
-
-RecipeName = Annotated[str, _usable(stage=False)]
-StageName = Annotated[str, _usable(stage=True)]
-Beta = Annotated[float, Field(ge=0, lt=1)]
-
-
-class Strict(BaseModel):
-    # allow_inf_nan=False: `.inf`/`.nan` in any float field is an error naming that field.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
-                              validate_by_name=True, serialize_by_alias=True)
+from launch.schema_base import (NAME_MAX_LENGTH, RUN_DIR_ENTRIES, SEED_LIMIT, Beta, RecipeName, StageBase,  # noqa: F401
+                                StageKind, Strict, WorkerDemand, clip, name_problem)
 
 
 # ---------------------------------------------------------------- model and data
@@ -150,6 +104,10 @@ class ClusterConfig(Strict):
     max_restarts: int = Field(
         1, ge=0, description="Times a run restarts its workers and continues from the last checkpoint after "
                              "a worker failure before it stops.")
+    on_stage_failure: Literal["cancel", "finish"] = Field(
+        "cancel", description="When a stage fails: `cancel` stops the stages still running; `finish` lets "
+                              "stages that do not need the failed one run to the end. Stages that need it are "
+                              "skipped either way; the run fails.")
     liveness: LivenessConfig = Field(
         LivenessConfig(), description="Time limits on workers; over one, the run reports the stuck worker.")
 
@@ -172,13 +130,6 @@ class LoggingConfig(Strict):
 
 
 # ---------------------------------------------------------------- stages
-
-class StageBase(Strict):
-    name: StageName = Field(
-        description=f"The stage's folder in the run dir: letters, digits, `_`, `.`, `-` (not first), at most "
-                    f"{NAME_MAX_LENGTH}; not one of the run dir's own entries ({', '.join(RUN_DIR_ENTRIES)}).")
-    needs: list[str] = Field([], description="Stages whose outputs this one reads.")
-
 
 class AdvantageConfig(Strict):
     scale: Literal["group", "batch", "none"] = Field(
@@ -481,6 +432,9 @@ class RLStage(StageBase):
     step_triggers: list[str] = Field(
         ["Wait"], min_length=1, description="Words that start a reasoning step (Step-GRPO): truncated rollouts "
                                             "probe at them, the step-aware reward counts them (standalone words).")
+    persist_rollouts: int = Field(
+        4, ge=0, description="Completions per step (one per prompt, first prompts first) saved with their prompts "
+                             "to `<stage>/rollouts.jsonl`: calibration data for later compression stages.")
     advantage: AdvantageConfig = AdvantageConfig()
     selection: SelectionConfig = Field(
         SelectionConfig(), description="Which prompts are generated and which completions trained; "
@@ -492,6 +446,13 @@ class RLStage(StageBase):
     learner: LearnerConfig = LearnerConfig()
     rewards: RewardConfig = RewardConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def workers(self) -> list[WorkerDemand]:
+        path, learner, rollout = f"stages.{self.name}", self.learner, self.rollout
+        return [WorkerDemand("learner", f"{path}.learner", learner.ranks, learner.num_cpus_per_rank,
+                             learner.num_gpus_per_rank),
+                WorkerDemand("rollout", f"{path}.rollout", rollout.engines, rollout.num_cpus_per_engine,
+                             rollout.num_gpus_per_engine)]
 
     @model_validator(mode="before")
     @classmethod
@@ -528,20 +489,14 @@ class RLStage(StageBase):
         return self
 
 
-class EvalStage(StageBase):
-    kind: Literal["eval"] = "eval"
-    include_base: bool = Field(True, description="Also evaluate the recipe's starting model.")
-    max_new_tokens: int = Field(256, ge=1)
-    limit: int | None = Field(None, ge=1, description="Evaluate only the first N eval problems.")
-    accuracy: Literal["gsm8k_accuracy", "boxed_accuracy"] = Field(
-        "gsm8k_accuracy", description="The verifier whose score > 0 makes a greedy completion correct.")
-    num_cpus: float = Field(1, ge=0, description="CPUs of the evaluation engine actor.")
-    num_gpus: float = Field(0, ge=0)
-    cpu_kvcache_gib: int = Field(1, ge=1)
+from evaluation.config import EvalStage  # noqa: E402  (stage configs import the base pieces above)
 
-
-STAGE_TYPES: tuple[type[StageBase], ...] = (RLStage, EvalStage)
-Stage = Annotated[RLStage | EvalStage, Field(discriminator="kind")]
+STAGE_KINDS: dict[str, StageKind] = {
+    "rl": StageKind(RLStage, "rl.controller:run_rl_stage"),
+    "eval": StageKind(EvalStage, "evaluation.stage:run_eval_stage"),
+}
+STAGE_TYPES: tuple[type[StageBase], ...] = tuple(kind.config for kind in STAGE_KINDS.values())
+Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="kind")]  # noqa: UP007 - a union built from the registry
 
 
 # ---------------------------------------------------------------- the recipe
@@ -571,6 +526,18 @@ class Recipe(Strict):
                 {"summary": "; ".join(f"{path}: {msg}" for path, msg in problems),
                  "problems": [list(p) for p in problems]})
         return stages
+
+
+    @model_validator(mode="after")
+    def _eval_accuracy_from_rewards(self):
+        """An eval stage judges answers like the recipe's RL stage unless it names its own verifier."""
+        rl = next((s for s in self.stages if s.kind == "rl"), None)
+        judged_by = rl.rewards.accuracy if rl is not None else None
+        default = judged_by if judged_by in ACCURACY_VERIFIERS else "gsm8k_accuracy"
+        for stage in self.stages:
+            if stage.kind == "eval" and stage.accuracy is None:
+                stage.accuracy = default
+        return self
 
 
 def stage_graph_problems(stages: list) -> list[tuple[str, str]]:

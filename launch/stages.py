@@ -1,17 +1,75 @@
-"""Stage kinds: each maps to a function `run(ctx) -> artifact record` (a JSON-able dict).
+"""Running one stage: its reserved resources, its context, and restarts after worker failures.
 
-Adding a kind means a config class in `launch.schema` and an entry here; the graph runner knows
-nothing about particular kinds.
+Stage kinds are registered in `launch.schema.STAGE_KINDS` (config class + runner); the graph runner
+knows nothing about particular kinds.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from rl.liveness import WorkerFailure
+import ray
 
-STAGE_RUNNERS = {"rl": "rl.controller:run_rl_stage", "eval": "rl.evaluate:run_eval_stage"}
+from launch.schema import STAGE_KINDS
+from rl.liveness import STOP_POLL_S, WorkerFailure, check_stop, gather
+
+WAIT_REPORT_S = 30  # how often a stage waiting for resources says so
+
+
+class StagePlacement:
+    """A stage's workers reserved all at once: one placement group, a bundle per worker of
+    `stage.workers()`, in order. All-at-once means two stages never each hold half of what they
+    need; a stage that does not fit yet waits for others to finish."""
+
+    def __init__(self, stage):
+        self.stage, self.pg = stage, None
+        self.workers: dict[tuple[str, int], dict[str, float]] = {}  # (group, index) -> its resources
+        for demand in stage.workers():
+            for index in range(demand.count):
+                self.workers[demand.group, index] = {k: v for k, v in (("CPU", demand.cpus), ("GPU", demand.gpus)) if v}
+        # Workers that need nothing stay out of the group (Ray refuses empty bundles).
+        self.bundle_of = {key: i for i, key in enumerate(k for k, r in self.workers.items() if r)}
+
+    def reserve(self, log=print) -> None:
+        """Create the placement group and wait for it, saying what it waits for every WAIT_REPORT_S.
+        No deadline: `launch.resources` checked before the run that the cluster can hold it."""
+        from ray.util.placement_group import placement_group
+
+        if not self.bundle_of:
+            return
+        self.pg = placement_group([self.workers[key] for key in self.bundle_of], strategy="PACK")
+        ready, waited, next_report = self.pg.ready(), False, time.monotonic()
+        while not ray.wait([ready], timeout=STOP_POLL_S)[0]:
+            check_stop()
+            if time.monotonic() >= next_report:
+                needed = {k: sum(r.get(k, 0) for r in self.workers.values()) for k in ("CPU", "GPU")}
+                free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+                log(f"[graph] stage '{self.stage.name}' waiting for resources: needs "
+                    f"{', '.join(f'{v:g} {k}' for k, v in needed.items() if v)}; free now: "
+                    f"{', '.join(f'{v:g} {k}' for k, v in free.items()) or 'nothing'}")
+                waited, next_report = True, time.monotonic() + WAIT_REPORT_S
+        if waited:
+            log(f"[graph] stage '{self.stage.name}' has its resources")
+
+    def options(self, group: str, index: int) -> dict:
+        """Ray `.options(...)` kwargs for worker `index` of `group`: its resources, in its bundle."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        resources = self.workers[group, index]
+        options = {"num_cpus": resources.get("CPU", 0), "num_gpus": resources.get("GPU", 0)}
+        if (group, index) in self.bundle_of and self.pg is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=self.bundle_of[group, index])
+        return options
+
+    def release(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
 
 
 @dataclass
@@ -22,6 +80,31 @@ class StageContext:
     stage_dir: Path
     inputs: dict[str, dict]  # artifact records of the stages this one `needs`
     resume: bool
+    placement: StagePlacement = field(repr=False, default=None)
+
+    def input_model(self) -> str:
+        """The model folder this stage reads: its input stage's model, else the recipe's."""
+        models = [a["model"] for a in self.inputs.values() if a.get("model")]
+        if len(models) > 1:
+            raise ValueError(f"stage '{self.stage.name}' needs {len(models)} stages with a model "
+                             f"({', '.join(n for n, a in self.inputs.items() if a.get('model'))}); it reads one")
+        return models[0] if models else self.recipe.model.path
+
+    def input_masks(self) -> str | None:
+        """The sparsity masks that came with the input model (a sparsify stage's), if any."""
+        return next((a["masks"] for a in self.inputs.values() if a.get("masks")), None)
+
+    def remote(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` in a Ray worker on the stage's reserved resources; its result."""
+        options = self.placement.options("main", 0)
+        env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(options["num_cpus"])))}
+        ref = ray.remote(fn).options(**options, max_retries=0, runtime_env={"env_vars": env}).remote(*args, **kwargs)
+        try:
+            return gather([ref], [f"stage '{self.stage.name}' worker"], getattr(fn, "__name__", "work"),
+                          self.recipe.cluster.liveness.call_timeout_s)[0]
+        except BaseException:  # a stop request or a deadline: do not leave the work running
+            ray.cancel(ref, force=True)
+            raise
 
 
 def preload_runners(recipe) -> None:
@@ -29,7 +112,7 @@ def preload_runners(recipe) -> None:
     load_runner). A failing import is left for `load_runner` to raise in the main thread."""
     for stage in recipe.stages:
         try:
-            importlib.import_module(STAGE_RUNNERS[stage.kind].partition(":")[0])
+            importlib.import_module(STAGE_KINDS[stage.kind].runner.partition(":")[0])
         except Exception:  # noqa: BLE001 - raised again, with its traceback, by load_runner
             pass
 
@@ -37,21 +120,29 @@ def preload_runners(recipe) -> None:
 def load_runner(kind: str):
     """Import a kind's runner. Call from the main thread: concurrent first imports of
     transformers' lazy modules from stage threads fail ("cannot import name AutoTokenizer")."""
-    module, _, name = STAGE_RUNNERS[kind].partition(":")
+    module, _, name = STAGE_KINDS[kind].runner.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
-def run_stage(runner, recipe, name: str, run_dir: Path, inputs: dict, resume: bool, log=print) -> dict:
-    """Run a stage; when one of its workers dies or stops answering, stop all its workers and
-    start again from its last checkpoint, up to `cluster.max_restarts` times."""
+def run_stage(runner, recipe, name: str, run_dir: Path, inputs: dict, resume: bool, log=print, on_placed=None) -> dict:
+    """Reserve the stage's resources, then run it; when one of its workers dies or stops answering,
+    stop all its workers and start again from its last checkpoint, up to `cluster.max_restarts` times."""
     stage = next(s for s in recipe.stages if s.name == name)
-    restarts = recipe.cluster.max_restarts
-    for attempt in range(restarts + 1):
-        try:
-            return runner(StageContext(recipe, stage, run_dir, run_dir / name, inputs, resume or attempt > 0))
-        except WorkerFailure as failure:
-            if attempt == restarts:
-                spent = f"after {restarts} restart(s)" if restarts else "no restart: cluster.max_restarts is 0"
-                raise WorkerFailure(f"{failure} ({spent})", failure.workers) from None
-            log(f"[graph] stage '{name}': {failure}; restarting its workers from the last checkpoint "
-                f"(restart {attempt + 1} of {restarts})")
+    placement = StagePlacement(stage)
+    try:
+        placement.reserve(log)
+        if on_placed is not None:
+            on_placed()
+        restarts = recipe.cluster.max_restarts
+        for attempt in range(restarts + 1):
+            try:
+                return runner(StageContext(recipe, stage, run_dir, run_dir / name, inputs, resume or attempt > 0,
+                                           placement))
+            except WorkerFailure as failure:
+                if attempt == restarts:
+                    spent = f"after {restarts} restart(s)" if restarts else "no restart: cluster.max_restarts is 0"
+                    raise WorkerFailure(f"{failure} ({spent})", failure.workers) from None
+                log(f"[graph] stage '{name}': {failure}; restarting its workers from the last checkpoint "
+                    f"(restart {attempt + 1} of {restarts})")
+    finally:
+        placement.release()

@@ -46,7 +46,8 @@ def run_rl_stage(ctx) -> dict:
         # Engines, the reward pool and the learners start together; the engines take longest.
         engines = RolloutGroup(engine_spec(recipe, recipe.data.max_prompt_tokens + cfg.rollout.max_new_tokens, recipe.seed,
                                            str(resume_from / "hf") if resume_from else recipe.model.path, cfg.rollout),
-                               cfg.rollout.engines, recipe.cluster.liveness, max_replacements=recipe.cluster.max_restarts)
+                               cfg.rollout.engines, recipe.cluster.liveness, max_replacements=recipe.cluster.max_restarts,
+                               placed=lambda i: ctx.placement.options("rollout", i))
         cleanup.callback(engines.shutdown)
         reward_pool = cleanup.enter_context(
             RewardPool([t.model_dump() for t in cfg.rewards.terms], cfg.rewards.workers, cfg.rewards.timeout_s,
@@ -58,7 +59,7 @@ def run_rl_stage(ctx) -> dict:
         total_steps = cfg.steps or max(1, len(prompts) // drawn)
         sampler = PromptSampler(len(prompts), recipe.seed)
         learners = LearnerGroup(recipe.model, cfg, total_steps * cfg.loss.iterations, recipe.seed,
-                                recipe.cluster.liveness)
+                                recipe.cluster.liveness, placed=lambda r: ctx.placement.options("learner", r))
         cleanup.callback(learners.shutdown)
         if resume_from is not None:
             sampler.load_state_dict(state["sampler"])
@@ -73,7 +74,9 @@ def run_rl_stage(ctx) -> dict:
         rollouts = RolloutScheduler(engines, sampler, selector, prompts, drawn, train_sampling(cfg),
                                     cfg.rollout.max_staleness, recipe.seed, policy_version=start_step)
         batch_log = ctx.stage_dir / "batches.jsonl"  # which prompts each step drew: the data order
-        drop_records_after(batch_log, cfg.name, start_step)
+        samples = ctx.stage_dir / "rollouts.jsonl"  # calibration data for later compression stages
+        for log in (batch_log, samples):
+            drop_records_after(log, cfg.name, start_step)
         G = cfg.group_size
 
         for step in range(start_step + 1, total_steps + 1):
@@ -110,6 +113,9 @@ def run_rl_stage(ctx) -> dict:
                                **reasoning_metrics(completions, steps, scored.correct),
                                "rollout/staleness": step - 1 - r.policy_version})
             append_jsonl(batch_log, {"stage": cfg.name, "step": step, "prompts": r.batch, "generated": r.generated})
+            for i, group in enumerate(groups[:cfg.persist_rollouts]):
+                append_jsonl(samples, {"stage": cfg.name, "step": step, "prompt_ids": prompts[r.generated[i]],
+                                       "completion_ids": group[0]["token_ids"], "correct": scored.correct[i * G]})
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
                 with timers("checkpoint"):
                     save_checkpoint(ckpts, learners, step, {"sampler": r.sampler_state,
@@ -117,7 +123,7 @@ def run_rl_stage(ctx) -> dict:
 
         final = ctx.stage_dir / "model"
         learners.call("save_hf", str(final), recipe.model.path)
-    return {"model": str(final), "steps": total_steps}
+    return {"model": str(final), "steps": total_steps, "rollouts": str(samples) if samples.exists() else None}
 
 
 def push_weights(weights: WeightSync, rollouts: RolloutScheduler, version: int) -> None:

@@ -201,8 +201,12 @@ class RolloutGroup:
     that dies is replaced up to `max_replacements` times over the group's life.
     """
 
-    def __init__(self, spec: EngineSpec, engines: int, liveness, max_replacements: int = 0):
+    def __init__(self, spec: EngineSpec, engines: int, liveness, max_replacements: int = 0,
+                 placed: Callable[[int], dict] | None = None):
+        """placed(index): Ray options putting that engine on resources its stage reserved
+        (`StagePlacement.options`); None asks Ray for the spec's CPUs/GPUs directly."""
         self.spec, self.liveness, self.replacements_left = spec, liveness, max_replacements
+        self.placed = placed or (lambda index: {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus})
         # Brings the latest weights into the engines at the given indices (a replacement gets them
         # the same way). Set by `sync_weights`.
         self.push_weights: Callable[[list[int]], None] | None = None
@@ -225,9 +229,8 @@ class RolloutGroup:
 
     def _start(self, index: int):
         spec = replace(self.spec, seed=self.spec.seed + index + 1000 * self.restarts[index])
-        actor = ray.remote(RolloutWorker).options(
-            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_concurrency=2,
-            runtime_env={"env_vars": engine_env(spec)})
+        actor = ray.remote(RolloutWorker).options(**self.placed(index), max_concurrency=2,
+                                                  runtime_env={"env_vars": engine_env(spec)})
         return actor.remote(spec)
 
     def dead_engines(self) -> dict[str, str]:

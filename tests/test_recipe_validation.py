@@ -326,7 +326,7 @@ def test_accuracy_defaults_to_the_first_accuracy_term(tmp_path, capsys, terms, a
     path = write(tmp_path, recipe_tree(("stages.0.rewards.terms", terms)))
     recipe = load_recipe(path)
     assert recipe.stages[0].rewards.accuracy == accuracy
-    assert recipe.stages[1].accuracy == "gsm8k_accuracy"  # the eval stage's default, as before
+    assert recipe.stages[1].accuracy == (accuracy or "gsm8k_accuracy")  # the eval stage judges like the rl stage
     rc, out, err = validate(capsys, path)
     assert (rc, err) == (0, "")
     assert yaml.safe_load(out)["stages"][0]["rewards"]["accuracy"] == accuracy  # the resolved recipe names it
