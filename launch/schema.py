@@ -489,10 +489,12 @@ class RLStage(StageBase):
         return self
 
 
-from evaluation.config import EvalStage  # noqa: E402  (stage configs import the base pieces above)
+from compress.sparsify.config import SparsifyStage  # noqa: E402  (stage configs import launch.schema_base only)
+from evaluation.config import EvalStage  # noqa: E402
 
 STAGE_KINDS: dict[str, StageKind] = {
     "rl": StageKind(RLStage, "rl.controller:run_rl_stage"),
+    "sparsify": StageKind(SparsifyStage, "compress.sparsify.stage:run_sparsify_stage"),
     "eval": StageKind(EvalStage, "evaluation.stage:run_eval_stage"),
 }
 STAGE_TYPES: tuple[type[StageBase], ...] = tuple(kind.config for kind in STAGE_KINDS.values())

@@ -107,6 +107,9 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
         return [(r["step"], r["prompts"], r["generated"]) for r in records(run / "train" / "batches.jsonl")]
     assert [m["step"] for m in records(crashed / "metrics.jsonl")] == [1, 2, 3, 4]
     assert order(crashed) == order(straight)
+    samples = lambda run: [(r["step"], r["prompt_ids"]) for r in records(run / "train" / "rollouts.jsonl")]  # noqa: E731
+    assert sorted({s for s, _ in samples(crashed)}) == [1, 2, 3, 4] and len(samples(crashed)) <= 4 * 4
+    assert samples(crashed) == samples(straight), "the resumed run's calibration samples differ"
     skipped = [m["select/prompts_skipped"] for m in records(straight / "metrics.jsonl")]
     assert skipped[:2] == [0, 0] and sum(skipped[2:]) > 0, skipped  # only prompts with history are pruned
     lrs = lambda run: [m["train/lr"] for m in records(run / "metrics.jsonl")]  # noqa: E731
