@@ -12,8 +12,8 @@ import regex
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from launch.schema_base import (NAME_MAX_LENGTH, RUN_DIR_ENTRIES, SEED_LIMIT, Beta, RecipeName, StageBase,  # noqa: F401
-                                StageKind, Strict, WorkerDemand, clip, name_problem)
+from launch.schema_base import (NAME_MAX_LENGTH, RUN_DIR_ENTRIES, SEED_LIMIT, OptimConfig, RecipeName,  # noqa: F401
+                                StageBase, StageKind, Strict, WorkerDemand, clip, name_problem)
 
 
 # ---------------------------------------------------------------- model and data
@@ -216,16 +216,6 @@ class RolloutConfig(Strict):
         1, ge=1, description="With async: the most policy versions a trained sample may lag the learner; "
                              "weights reach the engines only when the next rollouts would lag more.")
     truncation: TruncationConfig = TruncationConfig()
-
-
-class OptimConfig(Strict):
-    lr: float = Field(1e-6, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1).")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
 
 
 class LearnerConfig(Strict):
@@ -489,12 +479,16 @@ class RLStage(StageBase):
         return self
 
 
-from compress.sparsify.config import SparsifyStage  # noqa: E402  (stage configs import launch.schema_base only)
+from compress.distill.config import DistillStage  # noqa: E402  (stage configs import launch.schema_base only)
+from compress.quantize.config import QuantizeStage  # noqa: E402
+from compress.sparsify.config import SparsifyStage  # noqa: E402
 from evaluation.config import EvalStage  # noqa: E402
 
 STAGE_KINDS: dict[str, StageKind] = {
     "rl": StageKind(RLStage, "rl.controller:run_rl_stage"),
     "sparsify": StageKind(SparsifyStage, "compress.sparsify.stage:run_sparsify_stage"),
+    "quantize": StageKind(QuantizeStage, "compress.quantize.stage:run_quantize_stage"),
+    "distill": StageKind(DistillStage, "compress.distill.stage:run_distill_stage"),
     "eval": StageKind(EvalStage, "evaluation.stage:run_eval_stage"),
 }
 STAGE_TYPES: tuple[type[StageBase], ...] = tuple(kind.config for kind in STAGE_KINDS.values())

@@ -82,13 +82,14 @@ class StageContext:
     resume: bool
     placement: StagePlacement = field(repr=False, default=None)
 
-    def input_model(self) -> str:
-        """The model folder this stage reads: its input stage's model, else the recipe's."""
-        models = [a["model"] for a in self.inputs.values() if a.get("model")]
+    def input_model(self, exclude: tuple[str, ...] = ()) -> str:
+        """The model folder this stage reads: its input stage's model (leaving out the stages in
+        `exclude`, such as a distill stage's teacher), else the recipe's."""
+        models = {n: a["model"] for n, a in self.inputs.items() if a.get("model") and n not in exclude}
         if len(models) > 1:
             raise ValueError(f"stage '{self.stage.name}' needs {len(models)} stages with a model "
-                             f"({', '.join(n for n, a in self.inputs.items() if a.get('model'))}); it reads one")
-        return models[0] if models else self.recipe.model.path
+                             f"({', '.join(models)}); it reads one")
+        return next(iter(models.values()), self.recipe.model.path)
 
     def input_masks(self) -> str | None:
         """The sparsity masks that came with the input model (a sparsify stage's), if any."""
