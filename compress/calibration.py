@@ -32,6 +32,7 @@ def calibration_sequences(recipe, inputs: dict[str, dict], cfg: CalibrationConfi
                          "(an `rl` stage among `needs` does)")
     if cfg.source != "prompts" and rollouts is not None:
         rows = [json.loads(line) for line in rollouts.read_text().splitlines() if line.strip()]
+        rows = rows[-cfg.samples:]  # the latest: sampled by the policy closest to the one compressed
         sequences, origin = [r["prompt_ids"] + r["completion_ids"] for r in rows], f"rollouts ({rollouts})"
     else:
         from rl.data import load_problems

@@ -186,6 +186,17 @@ class WeightLoader:
         from safetensors.torch import load_file
 
         self.reload_weights(weights_iterator=iter(load_file(path).items()))
+        self.prunerl_retie_output_head()
+
+    def prunerl_retie_output_head(self) -> None:
+        """A tied output head has no checkpoint tensor of its own, so vLLM's reload gives it back its
+        old tensors: tie it to the reloaded embeddings again and redo its post-load processing (the
+        CPU backend packs the head's weight for its GEMM)."""
+        model = self.model_runner.get_model()
+        head, embeddings = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+        if getattr(model.config, "tie_word_embeddings", False) and head is not None and embeddings is not None:
+            head.tie_weights(embeddings)
+            head.quant_method.process_weights_after_loading(head)
 
     def prunerl_device_type(self) -> str:
         return self.device.type
@@ -207,6 +218,7 @@ class WeightLoader:
         self.reload_weights(weights_iterator=received)
         for _ in received:  # every member takes part in every broadcast, whatever the loader read
             pass
+        self.prunerl_retie_output_head()
 
     def prunerl_leave_weight_group(self) -> None:
         weights = getattr(self, "_prunerl_weights", None)

@@ -134,6 +134,38 @@ def train_step(learners: LearnerGroup, rows, cfg) -> None:
 
 
 @pytest.mark.slow
+def test_a_reload_reaches_the_tied_output_head(ray_local, tmp_path):
+    """The tiny policy's output head is its embedding matrix. After a weight load the engine must
+    score with the new matrix in both places: its log-probs of what it samples equal those of
+    transformers on the new weights (vLLM's reload alone leaves a tied head its old tensors)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_POLICY, dtype=F32).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings.add_(torch.randn_like(embeddings) * embeddings.std())
+    weights = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, weights)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_POLICY)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    engine = RolloutGroup(EngineSpec(str(TINY_POLICY), "float32", 256, seed=0), engines=1,
+                          liveness=LivenessConfig()).wait_ready()
+    try:
+        engine.load_weights("file", str(weights), 60)
+        for prompt, completions in zip(prompts, sample(engine, prompts)):
+            for c in completions:
+                ids = torch.tensor([prompt + c["token_ids"]])
+                with torch.no_grad():
+                    logits = model(ids).logits[0, len(prompt) - 1:-1] / 0.7  # sample()'s temperature
+                expected = logits.log_softmax(-1).gather(1, torch.tensor(c["token_ids"])[:, None])[:, 0]
+                torch.testing.assert_close(torch.tensor(c["logprobs"]), expected, rtol=0, atol=1e-4)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.slow
 def test_collective_sync_equals_file_sync(ray_local, tmp_path):
     """ZeRO-3 on two learner ranks (each parameter gathered on its own). After a step, engines synced
     by `collective` (two engines) sample exactly what an engine synced by `file` samples, and not

@@ -1,0 +1,53 @@
+"""The comparison table: one row per artifact, as markdown (`table.md`) and as a W&B table."""
+from __future__ import annotations
+
+import os
+from operator import itemgetter
+from pathlib import Path
+
+import wandb
+
+# (header, its value in a results row, format); None prints as n/a.
+COLUMNS = (("accuracy", itemgetter("accuracy"), "{:.3f}"),
+           ("perplexity", itemgetter("perplexity"), "{:.3f}"),
+           ("size MB", lambda row: row["size_bytes"] / 1e6, "{:.2f}"),
+           ("bits/weight", itemgetter("bits_per_weight"), "{:.2f}"),
+           ("sparsity", itemgetter("sparsity"), "{:.3f}"),
+           ("tokens/s", itemgetter("tokens_per_s"), "{:.1f}"),
+           ("engine", itemgetter("engine"), "{}"))
+
+
+def table_rows(results: dict[str, dict]) -> tuple[list[str], list[list]]:
+    """Headers, and per artifact (in `results` order) its name and values."""
+    return (["artifact", *(header for header, _, _ in COLUMNS)],
+            [[name, *(value(row) for _, value, _ in COLUMNS)] for name, row in results.items()])
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    headers, rows = table_rows(results)
+    formats = ["{}", *(fmt for _, _, fmt in COLUMNS)]
+    cells = [["n/a" if v is None else fmt.format(v) for v, fmt in zip(row, formats)] for row in rows]
+    align = [":---" if fmt == "{}" else "---:" for fmt in formats]
+    return "".join("| " + " | ".join(line) + " |\n" for line in [headers, align, *cells])
+
+
+def wandb_table(results: dict[str, dict]) -> wandb.Table:
+    headers, rows = table_rows(results)
+    return wandb.Table(columns=headers, data=rows)
+
+
+def log_wandb_table(recipe, run_dir: Path, stage_name: str, results: dict[str, dict]) -> None:
+    """The table in a W&B run of its own, `<run dir>/<stage>` in the recipe's group, with the
+    settings the RL stages' runs use (rl/tracking.py); nothing when W&B is disabled."""
+    settings = recipe.logging.wandb
+    mode = os.environ.get("WANDB_MODE", settings.mode)
+    if mode == "disabled":
+        return
+    # create_new: a run another stage holds open in this process stays untouched.
+    run = wandb.init(project=settings.project, entity=settings.entity, group=settings.group or recipe.name,
+                     name=f"{run_dir.name}/{stage_name}", tags=settings.tags, mode=mode, dir=str(run_dir),
+                     config=recipe.model_dump(mode="json"), reinit="create_new", settings=wandb.Settings(silent=True))
+    try:
+        run.log({f"{stage_name}/table": wandb_table(results)})
+    finally:
+        run.finish()
