@@ -219,6 +219,32 @@ def ray_head(tmp_path):
             p.kill()
 
 
+def test_compress_recipe_runs_both_branches_and_writes_the_table(tmp_path):
+    """recipes/compress_quickstart.yaml, shortened: RL, then sparsify -> recover -> quantize beside
+    quantize_dense and binarize, then one eval table with a row per artifact."""
+    run_dir = tmp_path / "run"
+    out = run_cli("run", "recipes/compress_quickstart.yaml", "stages.train.steps=2", "stages.recover.steps=2",
+                  "stages.eval.limit=8", "stages.eval.max_new_tokens=32", "--run-dir", str(run_dir))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    artifacts = ["base", "train", "sparsify", "recover", "quantize", "quantize_dense", "binarize"]
+    assert list(results) == artifacts
+    table = (run_dir / "eval" / "table.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == artifacts
+    assert results["sparsify"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert results["recover"]["sparsity"] >= 0.5 and results["quantize"]["sparsity"] >= 0.5  # masks kept
+    assert 4 < results["quantize"]["bits_per_weight"] < 5 and results["base"]["bits_per_weight"] == 32
+    assert results["binarize"]["bits_per_weight"] < 4
+    assert results["quantize"]["size_bytes"] < 0.3 * results["base"]["size_bytes"]
+    stage = {s: json.loads((run_dir / s / "status.json").read_text()) for s in artifacts[1:]}
+    assert all(s["state"] == "done" for s in stage.values())
+    overlap = lambda a, b: a["started"] < b["finished"] and b["started"] < a["finished"]  # noqa: E731
+    assert any(overlap(stage[side], stage[main]) for side in ("quantize_dense", "binarize")
+               for main in ("sparsify", "recover", "quantize")), "the independent branches ran one after another"
+    assert len(records(run_dir / "train" / "rollouts.jsonl")) == 2 * 4  # the calibration samples
+    assert "rollouts" in json.loads((run_dir / "sparsify" / "stage.json").read_text())["calibration_origin"]
+
+
 def test_submit_with_ray_job_submit_and_prunerl_submit(ray_head, tmp_path):
     address, env = ray_head
     by_ray = tmp_path / "by_ray"

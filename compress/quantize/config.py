@@ -14,9 +14,11 @@ INT_SCHEMES = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8")
 
 
 class MixedConfig(Strict):
-    """Squeeze10-style mixed 1-bit/4-bit: our reconstruction of an unreleased method."""
-    keep_fraction: float = Field(0.2, ge=0, le=1, description="Share of each row (or group) kept at 4 bits, "
-                                                               "chosen by `selection`; the rest is binarised.")
+    """Squeeze10-style mixed 1-bit/4-bit: our reconstruction of an unreleased method. Stored bits per
+    weight: 1.6 of payload at keep_fraction 0.2 (the paper's figure), plus 1 for the bitmap of the
+    4-bit weights and 48 / group width for fp16 scales: 2.6 + 48/g."""
+    keep_fraction: float = Field(0.2, ge=0, le=1, description="Share of each row (or group) kept at 4 bits, chosen "
+                                                               "by `selection`; the rest is binarised.")
     group_size: int = Field(0, ge=0, description="Input columns per selection group, each with its own binary "
                                                  "scale and 4-bit grid; 0: the whole row.")
     selection: Literal["pbar", "magnitude", "random"] = Field(

@@ -3,7 +3,6 @@ calibration sequences. Writes the pruned model (input dtype, tokenizer files cop
 keep-masks (`masks.safetensors`, keyed by weight parameter name) and stage.json."""
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -11,14 +10,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from compress.artifacts import copy_tokenizer_files
 from compress.calibration import calibration_sequences
 from compress.sparsify.dsnot import dsnot_refine, expected_error
 from compress.sparsify.layerwise import FeatureStats, PruneFn, prune_decoder_layers
 from compress.sparsify.nm import is_n_m
 from compress.sparsify.wanda import wanda_mask
 from rl.fileio import write_json_atomic
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
 
 
 def is_attention(param: str) -> bool:
@@ -51,13 +49,6 @@ def prune_model(model: nn.Module, sequences: list[list[int]], cfg, log=print) ->
     report = {}
     masks = prune_decoder_layers(model, sequences, linear_pruner(cfg, report), log)
     return masks, report
-
-
-def copy_tokenizer_files(source: Path, out_dir: Path) -> None:
-    """Copy the files of `source` that save_pretrained did not write, except weights."""
-    for path in source.iterdir():
-        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and not (out_dir / path.name).exists():
-            shutil.copy2(path, out_dir / path.name)
 
 
 def sparsify_model(model_path: str, out_dir: str, cfg, calibration: list[list[int]], *, masks_path: str,
