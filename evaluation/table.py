@@ -1,11 +1,12 @@
 """The comparison table: one row per artifact, as markdown (`table.md`) and as a W&B table."""
 from __future__ import annotations
 
-import os
 from operator import itemgetter
 from pathlib import Path
 
 import wandb
+
+from rl.tracking import open_wandb_run
 
 # (header, its value in a results row, format); None prints as n/a.
 COLUMNS = (("accuracy", itemgetter("accuracy"), "{:.3f}"),
@@ -37,16 +38,10 @@ def wandb_table(results: dict[str, dict]) -> wandb.Table:
 
 
 def log_wandb_table(recipe, run_dir: Path, stage_name: str, results: dict[str, dict]) -> None:
-    """The table in a W&B run of its own, `<run dir>/<stage>` in the recipe's group, with the
-    settings the RL stages' runs use (rl/tracking.py); nothing when W&B is disabled."""
-    settings = recipe.logging.wandb
-    mode = os.environ.get("WANDB_MODE", settings.mode)
-    if mode == "disabled":
+    """The table in the stage's own W&B run (rl/tracking.py); nothing when W&B is disabled."""
+    run = open_wandb_run(recipe, run_dir, stage_name)
+    if run is None:
         return
-    # create_new: a run another stage holds open in this process stays untouched.
-    run = wandb.init(project=settings.project, entity=settings.entity, group=settings.group or recipe.name,
-                     name=f"{run_dir.name}/{stage_name}", tags=settings.tags, mode=mode, dir=str(run_dir),
-                     config=recipe.model_dump(mode="json"), reinit="create_new", settings=wandb.Settings(silent=True))
     try:
         run.log({f"{stage_name}/table": wandb_table(results)})
     finally:

@@ -37,16 +37,9 @@ class Tracker:
         self.stage, self.total_steps, self.progress = stage_name, total_steps, progress
         drop_records_after(self.path, stage_name, start_step)
         self.start = time.time()
-        wandb_cfg = recipe.logging.wandb
-        mode = os.environ.get("WANDB_MODE", wandb_cfg.mode)
-        self.wandb = None
-        if mode != "disabled":
-            self.wandb = wandb.init(
-                project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group or recipe.name,
-                name=f"{run_dir.name}/{stage_name}", tags=wandb_cfg.tags, mode=mode, dir=str(run_dir),
-                config=recipe.model_dump(mode="json"), resume="allow", id=_wandb_id(run_dir, stage_name),
-                settings=wandb.Settings(silent=True))
-            print(f"[{stage_name}] W&B {mode}: {self.wandb.dir}", flush=True)
+        self.wandb = open_wandb_run(recipe, run_dir, stage_name)
+        if self.wandb is not None:
+            print(f"[{stage_name}] W&B {self.wandb.settings.mode}: {self.wandb.dir}", flush=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         append_jsonl(self.path, {"stage": self.stage, "step": step, **metrics})
@@ -58,6 +51,20 @@ class Tracker:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def open_wandb_run(recipe, run_dir: Path, stage_name: str):
+    """The stage's W&B run `<run dir>/<stage>` in the recipe's group (resumed when it exists), or
+    None when W&B is disabled. `create_new`: stages running side by side in this process each get
+    their own run."""
+    settings = recipe.logging.wandb
+    mode = os.environ.get("WANDB_MODE", settings.mode)
+    if mode == "disabled":
+        return None
+    return wandb.init(project=settings.project, entity=settings.entity, group=settings.group or recipe.name,
+                      name=f"{run_dir.name}/{stage_name}", tags=settings.tags, mode=mode, dir=str(run_dir),
+                      config=recipe.model_dump(mode="json"), resume="allow", id=_wandb_id(run_dir, stage_name),
+                      reinit="create_new", settings=wandb.Settings(silent=True))
 
 
 def _wandb_id(run_dir: Path, stage: str) -> str:
