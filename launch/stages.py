@@ -16,6 +16,7 @@ from launch.schema import STAGE_KINDS
 from rl.liveness import STOP_POLL_S, WorkerFailure, check_stop, gather
 
 WAIT_REPORT_S = 30  # how often a stage waiting for resources says so
+FIRST_WAIT_REPORT_S = 2  # placing a group that fits takes a moment: only a longer wait is reported
 
 
 class StagePlacement:
@@ -40,7 +41,7 @@ class StagePlacement:
         if not self.bundle_of:
             return
         self.pg = placement_group([self.workers[key] for key in self.bundle_of], strategy="PACK")
-        ready, waited, next_report = self.pg.ready(), False, time.monotonic()
+        ready, waited, next_report = self.pg.ready(), False, time.monotonic() + FIRST_WAIT_REPORT_S
         while not ray.wait([ready], timeout=STOP_POLL_S)[0]:
             check_stop()
             if time.monotonic() >= next_report:

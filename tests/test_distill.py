@@ -18,7 +18,9 @@ import sys
 import pytest
 import torch
 
-from compress.distill.config import DistillStage, KCDConfig
+from compress.distill.config import DistillStage, KCDConfig, LearnedNMConfig
+from compress.distill.stage import input_masks
+from compress.sparsify.nm import is_n_m
 from compress.distill.kcd import KnowledgeCondenser, sequence_values
 from compress.distill.losses import generalized_jsd, kl, token_divergence, token_mean
 from conftest import REPO, SYNTH_DATA, TINY_POLICY
@@ -149,6 +151,24 @@ def test_distill_stage_config():
         DistillStage(name="recover", on_policy_fraction=0.5, zero_stage=3)
 
 
+def test_learned_nm_config():
+    stage = DistillStage(name="recover", steps=10, learned_nm={"mask_steps": 0.25})
+    assert (stage.learned_nm.n, stage.learned_nm.m) == (2, 4) and stage.learned_steps() == 2
+    assert DistillStage(name="recover", steps=10, learned_nm={}).learned_steps() == 10
+    assert DistillStage(name="recover", steps=1, learned_nm={"mask_steps": 0.1}).learned_steps() == 1
+    with pytest.raises(ValueError, match="N < M"):
+        LearnedNMConfig(n=4, m=4)
+    with pytest.raises(ValueError, match="mask_steps"):
+        LearnedNMConfig(mask_steps=0)
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        DistillStage(name="recover", learned_nm={}, zero_stage=3)
+    upstream = "/runs/prune/masks.safetensors"
+    assert input_masks(stage, None) is None
+    with pytest.raises(ValueError, match="one of the two"):
+        input_masks(stage, upstream)
+    assert input_masks(DistillStage(name="recover"), upstream) == upstream
+
+
 # ---------------------------------------------------------------- real DeepSpeed runs (one subprocess)
 
 
@@ -190,6 +210,15 @@ def test_masks_survive_distillation(runs, run):
     sparsity = runs[f"{run}_sparsity"]
     assert sparsity["masked_nonzero"] == 0, sparsity
     assert sparsity["masked"] > 0 and sparsity["kept_changed"] > 0.5 * sparsity["kept"], sparsity
+
+
+@pytest.mark.slow
+def test_learned_nm_leaves_an_exact_2_4_student_and_its_masks(runs):
+    learned = runs["learned"]
+    assert learned["stage"] == {"n_m": [2, 4], "n_m_valid": True, "weights": 14, "sparsity": 0.5}, learned
+    assert learned["mask_keys_are_the_decoder_linears"] and learned["saved_keys_unchanged"], learned
+    assert learned["saved_is_2_4"] and learned["masks_match_zeros"], learned
+    assert math.isfinite(learned["heldout_kl_after"]) and learned["heldout_kl_after"] > 0, learned
 
 
 # ---------------------------------------------------------------- the subprocess
@@ -258,13 +287,17 @@ def main(folder: str) -> None:
     base = {"name": "distill", "steps": 60, "prompts_per_step": 4, "max_new_tokens": 24,
             "heldout_prompts": HELDOUT_PROMPTS, "optim": {"lr": 1e-4, "schedule": "constant"}}
 
-    def run(dtype="float32", **overrides):
+    def start_run(dtype="float32", student=f"{folder}/student", student_masks=masks_path, **overrides):
         cfg = DistillStage.model_validate({**base, **overrides})
         worker = DistillWorker()
-        worker.setup(0, 1, "127.0.0.1", port, ModelConfig(path=f"{folder}/student", dtype=dtype),
-                     ModelConfig(path=str(TINY_POLICY), dtype=dtype), cfg, masks_path, seed=SEED)
+        worker.setup(0, 1, "127.0.0.1", port, ModelConfig(path=student, dtype=dtype),
+                     ModelConfig(path=str(TINY_POLICY), dtype=dtype), cfg, student_masks, seed=SEED)
         summary = distill(OneRank(worker), prompts, references if cfg.sequences == "reference" else None,
                           heldout, cfg, seed=SEED, log=lambda line: print(line, file=sys.stderr, flush=True))
+        return summary, worker
+
+    def run(dtype="float32", **overrides):
+        summary, worker = start_run(dtype, **overrides)
         return summary, worker.full_state_dict()
 
     results = {}
@@ -278,6 +311,21 @@ def main(folder: str) -> None:
     _, state = run(dtype="bfloat16", zero_stage=2, steps=3, loss="jsd", beta=0.5, sequences="reference",
                    on_policy_fraction=0.5, optim={"lr": 1e-3, "schedule": "constant"})
     results["zero2_bf16_sparsity"] = sparsity(state, masks, start)
+    # Learned 2:4 on the dense policy, as run_distill_stage finishes it: masks baked, then saved.
+    summary, worker = start_run(student=str(TINY_POLICY), student_masks=None, steps=6,
+                            learned_nm={"n": 2, "m": 4, "mask_steps": 0.5})
+    learned_masks_path = f"{folder}/learned/masks.safetensors"
+    os.makedirs(f"{folder}/learned")
+    summary["stage"] = worker.finish_learned_masks(learned_masks_path)
+    worker.save_hf(f"{folder}/learned/model", str(TINY_POLICY))
+    saved, learned_masks = load_file(f"{folder}/learned/model/model.safetensors"), load_file(learned_masks_path)
+    dense = load_file(f"{TINY_POLICY}/model.safetensors")
+    decoder = sorted(k for k in dense if ".layers." in k and k.endswith("proj.weight"))
+    summary["mask_keys_are_the_decoder_linears"] = sorted(learned_masks) == decoder
+    summary["saved_keys_unchanged"] = set(dense) <= set(saved) and not any("parametrizations" in k for k in saved)
+    summary["saved_is_2_4"] = all(is_n_m(saved[k] != 0, 2, 4) for k in decoder)
+    summary["masks_match_zeros"] = all(torch.equal(learned_masks[k], saved[k] != 0) for k in decoder)
+    results["learned"] = summary
     print(json.dumps(results))
 
 

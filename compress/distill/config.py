@@ -23,6 +23,23 @@ class KCDConfig(Strict):
                                "it, or the mean token distillation loss there.")
 
 
+class LearnedNMConfig(Strict):
+    """LBC learned N:M masks (compress/sparsify/learned_nm.py) on the student's Linear layers but the
+    output head, learned while it distils; the stage's output is exactly N:M and its masks go on."""
+    n: int = Field(2, ge=1, description="N: weights kept in every group of M consecutive input weights.")
+    m: int = Field(4, ge=2, description="M: the group width; every Linear's input width must be a multiple of it.")
+    mask_steps: float = Field(
+        1.0, gt=0, le=1, description="Fraction of the stage's steps over which the cubic schedule removes "
+                                     "candidates (from C(M, N) per group down to one); the remaining steps train "
+                                     "under the final N:M mask.")
+
+    @model_validator(mode="after")
+    def _n_below_m(self):
+        if self.n >= self.m:
+            raise ValueError(f"N:M needs N < M, got {self.n}:{self.m}")
+        return self
+
+
 class DistillStage(StageBase):
     kind: Literal["distill"] = "distill"
     teacher: str | None = Field(
@@ -48,6 +65,9 @@ class DistillStage(StageBase):
         16, ge=1, description="Eval-split prompts whose teacher samples measure the held-out KL(teacher‖student) "
                               "before and after.")
     kcd: KCDConfig | None = Field(None, description="Knowledge condensation; None: uniform prompt draws (plain KD).")
+    learned_nm: LearnedNMConfig | None = Field(
+        None, description="Learn N:M masks while distilling (LBC); None: keep the input's masks, if any. The "
+                          "input must then carry no masks: one stage, one mask source.")
     ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (Ray actors); each holds the teacher too.")
     num_cpus_per_rank: float = Field(1, ge=0, description="CPUs reserved for each rank.")
     num_gpus_per_rank: float = Field(0, ge=0, description="GPUs reserved for each rank (0: DeepSpeed on CPU, gloo).")
@@ -67,3 +87,15 @@ class DistillStage(StageBase):
             raise ValueError("on_policy_fraction > 0 samples from the student on every rank, which needs its whole "
                              "weights; ZeRO-3 partitions them: use zero_stage 0, 1 or 2")
         return self
+
+    @model_validator(mode="after")
+    def _learned_nm_needs_whole_weights(self):
+        if self.learned_nm is not None and self.zero_stage == 3:
+            raise ValueError("learned_nm reads every Linear weight and its candidate scores whole between steps "
+                             "(the schedule's top-k, the final bake into the weights), outside ZeRO-3's gathers; "
+                             "use zero_stage 0, 1 or 2")
+        return self
+
+    def learned_steps(self) -> int:
+        """Optimizer steps over which `learned_nm` removes candidates."""
+        return max(1, round(self.learned_nm.mask_steps * self.steps))

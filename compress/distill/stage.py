@@ -1,5 +1,7 @@
 """The distill stage: the student (this stage's input model, masks kept) learns the teacher's
-next-token distributions on the train prompts; see compress/distill/worker.py for one rank.
+next-token distributions on the train prompts; see compress/distill/worker.py for one rank. With
+`learned_nm` the student, dense on entry, learns N:M masks as it distils (LBC) and the stage
+writes them to `masks.safetensors`, for the stages after it to keep.
 
 The loop, on the driver, reads like single-process code: draw prompts (uniformly, or from KCD's
 condensed set), hand each rank its share, step, feed the per-prompt values back to KCD. No
@@ -82,6 +84,14 @@ def teacher_path(teacher: str | None, inputs: dict[str, dict], stage_names: list
     return teacher
 
 
+def input_masks(cfg, masks_path) -> str | None:
+    """The masks file the student keeps, refused when the stage learns its own (one mask source)."""
+    if masks_path is not None and cfg.learned_nm is not None:
+        raise ValueError(f"stage '{cfg.name}' learns N:M masks (learned_nm) but its input already has masks "
+                         f"({masks_path}); drop one of the two")
+    return str(masks_path) if masks_path is not None else None
+
+
 class DistillRanks:
     """The stage's ranks as Ray actors in its placement group; `call` fans out to every rank and
     waits (rl/liveness.py: deadlines, fast failure when a rank dies)."""
@@ -130,8 +140,7 @@ def run_distill_stage(ctx) -> dict:
     student = recipe.model.model_copy(update={"path": ctx.input_model(exclude=(cfg.teacher,) if cfg.teacher else ())})
     teacher = recipe.model.model_copy(update={"path": teacher_path(
         cfg.teacher, ctx.inputs, [s.name for s in recipe.stages], recipe.model.path)})
-    masks = ctx.input_masks()
-    masks = str(masks) if masks is not None else None
+    masks = input_masks(cfg, ctx.input_masks())
     prompts, _ = load_problems(recipe, "train")
     references = reference_completions(recipe, student.path) if cfg.sequences == "reference" else None
     heldout, _ = load_problems(recipe, "eval", cfg.heldout_prompts)
@@ -140,14 +149,21 @@ def run_distill_stage(ctx) -> dict:
     out_dir = Path(ctx.stage_dir) / "model"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     ranks = DistillRanks(ctx, student, teacher, masks)
+    learned = None
     try:
         summary = distill(ranks, prompts, references, heldout, cfg, recipe.seed,
                           log=lambda line: print(line, flush=True))
+        if cfg.learned_nm is not None:
+            masks = str(Path(ctx.stage_dir) / "masks.safetensors")
+            learned = ranks.call("finish_learned_masks", masks)[0]
+            print(f"[{cfg.name}] learned {cfg.learned_nm.n}:{cfg.learned_nm.m} masks: sparsity "
+                  f"{learned['sparsity']:.4f}, valid {learned['n_m_valid']}", flush=True)
         ranks.call("save_hf", str(out_dir), student.path)
     finally:
         ranks.shutdown()
     stage_json = Path(ctx.stage_dir) / "stage.json"
     write_json_atomic(stage_json, {"method": "distill", "parameters": cfg.model_dump(mode="json"),
-                                   "teacher": teacher.path, "student": student.path, "masks": masks, **summary,
+                                   "teacher": teacher.path, "student": student.path, "masks": masks,
+                                   "learned_nm": learned, **summary,
                                    "wall_time_s": time.monotonic() - start})
     return {"model": str(out_dir), "masks": masks, "stage_json": str(stage_json)}

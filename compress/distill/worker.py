@@ -12,6 +12,10 @@ Pruning masks are kept by zeroing the masked weights once and the masked gradien
 backward (a hook on each parameter). AdamW's update of a zero weight with zero gradients is
 exactly zero, weight decay included, so the weights stay zero in DeepSpeed's fp32 master copy as
 well as in the module; multiplying the module weights after each step would not reach that copy.
+
+Learned N:M masks (`learned_nm`) are attached before the engine is built, so the candidate scores
+are parameters that AdamW steps with the weights; the schedule advances after every optimizer
+step, and `finish_learned_masks` bakes w ⊙ mask into the weights before the student is saved.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import torch.distributed as dist
 
 from compress.distill.kcd import sequence_values
 from compress.distill.losses import token_divergence
+from compress.sparsify.learned_nm import LearnedNM
+from compress.sparsify.nm import is_n_m
 from rl.batching import token_budget_microbatches
 from rl.collate import ModelBatch, collate
 from rl.deepspeed_worker import DeepSpeedWorker, NonFiniteError, load_policy
@@ -119,6 +125,10 @@ class DistillWorker(DeepSpeedWorker):
             from safetensors.torch import load_file
 
             keep_masked(student, load_file(masks_path), self.device)
+        self.learned = None
+        if cfg.learned_nm is not None:
+            self.learned = LearnedNM.attach(student, cfg.learned_nm.n, cfg.learned_nm.m, cfg.learned_steps())
+            student.to(student.dtype)  # the scores start in float32: one dtype for DeepSpeed's flat buffers
         self.pad_id = student.config.pad_token_id if student.config.pad_token_id is not None else 0
         self.init_engine(student, cfg.optim, cfg.zero_stage, cfg.steps)
         self.heldout: list[TrainingRow] = []
@@ -171,10 +181,25 @@ class DistillWorker(DeepSpeedWorker):
                     values += [(work[i].index, v) for i, v in zip(members, seq.tolist())]
         lr = self.engine.get_lr()[0]
         self.engine.step()
+        if self.learned is not None:
+            self.learned.step(step)
         grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         if not math.isfinite(grad_norm):
             raise NonFiniteError(f"the gradient norm is {grad_norm}")
         return StepResult(loss_sum, tokens, values, grad_norm, lr)
+
+    def finish_learned_masks(self, path: str) -> dict:
+        """End the learned N:M schedule, bake the masks into the student's weights, and (rank 0) save
+        the bool keep-masks to `path`; returns the pattern, its validity and the sparsity."""
+        from safetensors.torch import save_file
+
+        n, m = self.cfg.learned_nm.n, self.cfg.learned_nm.m
+        masks = self.learned.finalize()
+        if self.rank == 0:
+            save_file(masks, path)
+        dropped = sum(int((~keep).sum()) for keep in masks.values())
+        return {"n_m": [n, m], "n_m_valid": all(is_n_m(keep, n, m) for keep in masks.values()),
+                "weights": len(masks), "sparsity": dropped / sum(keep.numel() for keep in masks.values())}
 
     def _sequences(self, step: int, work: list[DistillPrompt]) -> list[TrainingRow]:
         """prompt + completion for each drawn prompt, in the order of `work`."""
