@@ -19,7 +19,7 @@ from compress.distill.worker import DistillPrompt, DistillWorker
 from launch.preflight import lookup
 from rl.data import PromptSampler, load_problems, load_rows
 from rl.fileio import write_json_atomic
-from rl.liveness import gather
+from rl.learner_group import RankGroup
 
 
 def distill(ranks, prompts: list[list[int]], references: list[list[int]] | None, heldout: list[list[int]], cfg,
@@ -92,46 +92,13 @@ def input_masks(cfg, masks_path) -> str | None:
     return str(masks_path) if masks_path is not None else None
 
 
-class DistillRanks:
-    """The stage's ranks as Ray actors in its placement group; `call` fans out to every rank and
-    waits (rl/liveness.py: deadlines, fast failure when a rank dies)."""
-
-    def __init__(self, ctx, student_cfg, teacher_cfg, masks_path: str | None):
-        import ray
-
-        cfg, self.liveness = ctx.stage, ctx.recipe.cluster.liveness
-        self.world_size, self.workers = cfg.ranks, []
-        env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus_per_rank)))}
-        if not cfg.num_gpus_per_rank:
-            env["DS_ACCELERATOR"] = "cpu"
-        actor = ray.remote(DistillWorker)
-        try:
-            self.workers = [actor.options(**ctx.placement.options("learner", r), runtime_env={"env_vars": env}).remote()
-                            for r in range(cfg.ranks)]
-            startup = self.liveness.startup_timeout_s
-            one_node = len(set(self.call("node_id", timeout_s=startup))) == 1
-            address, port = self.call("rendezvous", one_node, timeout_s=startup)[0]
-            self.call("setup", per_rank_args=[(r, cfg.ranks, address, port, student_cfg, teacher_cfg, cfg, masks_path,
-                                               ctx.recipe.seed) for r in range(cfg.ranks)], timeout_s=startup)
-        except BaseException:
-            self.shutdown()
-            raise
-
-    def call(self, method: str, *args, per_rank_args: list | None = None, timeout_s: float | None = None) -> list:
-        arguments = per_rank_args if per_rank_args is not None else [args] * len(self.workers)
-        refs = [getattr(w, method).remote(*a) for w, a in zip(self.workers, arguments)]
-        return gather(refs, [f"distill rank {r}" for r in range(len(refs))], method,
-                      timeout_s or self.liveness.call_timeout_s)
-
-    def shutdown(self) -> None:
-        import ray
-
-        try:
-            # Ranks leave their process group cleanly when they can; a stuck or dead one is killed.
-            ray.wait([w.shutdown.remote() for w in self.workers], num_returns=len(self.workers), timeout=10)
-        finally:
-            for w in self.workers:
-                ray.kill(w)
+def distill_ranks(ctx, student_cfg, teacher_cfg, masks_path: str | None) -> RankGroup:
+    """The stage's ranks as Ray actors on its reserved resources (rl/learner_group.py)."""
+    cfg, world = ctx.stage, ctx.stage.ranks
+    return RankGroup(DistillWorker, "distill", world, cfg.num_gpus_per_rank > 0, ctx.recipe.cluster.liveness,
+                     lambda r: ctx.placement.options("learner", r),
+                     lambda r, address, port: (r, world, address, port, student_cfg, teacher_cfg, cfg, masks_path,
+                                               ctx.recipe.seed))
 
 
 def run_distill_stage(ctx) -> dict:
@@ -148,7 +115,7 @@ def run_distill_stage(ctx) -> dict:
           f"masks: {masks or 'none'})", flush=True)
     out_dir = Path(ctx.stage_dir) / "model"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    ranks = DistillRanks(ctx, student, teacher, masks)
+    ranks = distill_ranks(ctx, student, teacher, masks)
     learned = None
     try:
         summary = distill(ranks, prompts, references, heldout, cfg, recipe.seed,
