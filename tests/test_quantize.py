@@ -292,18 +292,13 @@ def test_masks_reapplied_to_a_checkpoint_that_broke_them(tmp_path, sparse_policy
 
 
 @pytest.mark.slow
-def test_gptq_through_llmcompressor_in_a_ray_pip_environment(tmp_path, sparse_policy):
+def test_gptq_through_llmcompressor_in_a_ray_pip_environment(ray_local, tmp_path, sparse_policy):
     """Builds llm-compressor's own virtualenv from PyPI (about 1.5 minutes), runs GPTQ W4A16 on
     the 2:4-sparse tiny policy, re-applies the masks GPTQ broke."""
-    import ray
     model_dir, masks_path, masks = sparse_policy
     cfg = QuantizeStage(name="q", method="gptq", scheme="W4A16", group_size=128)
-    ray.init(num_cpus=1, include_dashboard=False)
-    try:
-        summary = quantize_model(str(model_dir), str(tmp_path), cfg, token_batch(8, 64, seed=8).tolist(),
-                                 masks_path=str(masks_path))
-    finally:
-        ray.shutdown()
+    summary = quantize_model(str(model_dir), str(tmp_path), cfg, token_batch(8, 64, seed=8).tolist(),
+                             masks_path=str(masks_path))
     assert summary["backend"].startswith("llm-compressor 0.14.0.1")
     assert summary["mask_violations_fixed"] > 0  # GPTQ's error feedback wrote into pruned positions
     assert summary["format"] == "compressed-tensors pack-quantized"

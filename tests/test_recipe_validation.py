@@ -141,7 +141,7 @@ SCHEMA_CASES = {
                                                    [("stages.eval.accuracy", "'boxed_accuracy'")]),
     "bad answer_format": (recipe_tree(("data.answer_format", "latex")), [("data.answer_format", "'boxed' or 'raw'")]),
     "bad stage kind": (recipe_tree(("stages.0.kind", "sft")),
-                       [("stages.train.kind", "unknown stage kind 'sft'; expected one of 'rl', 'eval'")]),
+                       [("stages.train.kind", "unknown stage kind 'sft'; expected one of 'rl', 'sparsify', 'quantize', 'distill', 'eval'")]),
     "stage without kind": (recipe_tree(("stages.0.kind",)), [("stages.train.kind", "needs a `kind`")]),
     "error in the second stage kind": (recipe_tree(("stages.1.max_new_tokens", 0)),
                                        [("stages.eval.max_new_tokens", "greater than or equal to 1")]),
