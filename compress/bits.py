@@ -48,7 +48,8 @@ def weight_bits(model_dir: str | Path) -> dict:
     """Stored bits of the decoder's Linear weights (module doc), with the share of each tensor kind."""
     model_dir = Path(model_dir)
     layout_path = model_dir / LAYOUT_FILE
-    layout = json.loads(layout_path.read_text())["modules"] if layout_path.exists() else {}
+    sidecar = json.loads(layout_path.read_text()) if layout_path.exists() else None
+    layout = sidecar["modules"] if sidecar else {}
     quantization = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
     breakdown: dict[str, int] = {}
     params = linears = 0
@@ -67,7 +68,7 @@ def weight_bits(model_dir: str | Path) -> dict:
             breakdown[part] = breakdown.get(part, 0) + bits
     total = sum(breakdown.values())
     if layout:
-        storage = f"{json.loads(layout_path.read_text())['format']} (fake-quant: bits of the packed layout)"
+        storage = f"{sidecar['format']} (fake-quant: bits of the packed layout)"
     elif quantization:
         storage = f"{quantization.get('quant_method')} {quantization.get('format')}"
     else:

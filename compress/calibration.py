@@ -2,13 +2,13 @@
 rollouts an earlier RL stage persisted (prompt + completion: the distribution the policy serves)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from launch.schema_base import Strict
+from rl.fileio import read_jsonl
 
 
 class CalibrationConfig(Strict):
@@ -31,8 +31,7 @@ def calibration_sequences(recipe, inputs: dict[str, dict], cfg: CalibrationConfi
         raise ValueError("calibration.source is 'rollouts', but no input stage persisted rollouts "
                          "(an `rl` stage among `needs` does)")
     if cfg.source != "prompts" and rollouts is not None:
-        rows = [json.loads(line) for line in rollouts.read_text().splitlines() if line.strip()]
-        rows = rows[-cfg.samples:]  # the latest: sampled by the policy closest to the one compressed
+        rows = read_jsonl(rollouts)[-cfg.samples:]  # the latest: sampled by the policy closest to the one compressed
         sequences, origin = [r["prompt_ids"] + r["completion_ids"] for r in rows], f"rollouts ({rollouts})"
     else:
         from rl.data import load_problems

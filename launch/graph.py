@@ -80,11 +80,16 @@ def run_graph(recipe, run_dir: Path, resume: bool = False, log=print) -> dict[st
                 elif all(d in artifacts for d in stage.needs):
                     waiting.remove(name)
                     inputs = {d: artifacts[d] for d in stage.needs}
-                    done = _reusable(run_dir / name, lineage(recipe, stage, inputs), log)
-                    if done is not None:
-                        artifacts[name] = done
+                    current, previous = lineage(recipe, stage, inputs), read_status(run_dir / name)
+                    same = previous is not None and previous.get("lineage") == current
+                    if same and previous["state"] == "done":
+                        log(f"[graph] stage '{name}' already done with the same config and inputs, skipping")
+                        artifacts[name] = previous["artifact"]
                         continue
-                    future = pool.submit(_start, runners[stage.kind], recipe, stage, run_dir, inputs, resume, log)
+                    if previous is not None and not same:
+                        log(f"[graph] stage '{name}': its config or inputs changed since it last ran; running it again")
+                    future = pool.submit(_start, runners[stage.kind], recipe, stage, run_dir, inputs, current,
+                                         resume and same, log)
                     running[future] = name
             if not running:
                 break
@@ -114,35 +119,20 @@ def run_graph(recipe, run_dir: Path, resume: bool = False, log=print) -> dict[st
     return artifacts
 
 
-def _reusable(stage_dir: Path, current: dict, log) -> dict | None:
-    """The artifact of a done stage whose lineage is unchanged, else None (the stage must run)."""
-    previous = read_status(stage_dir)
-    if previous is None:
-        return None
-    if previous.get("lineage") == current and previous["state"] == "done":
-        log(f"[graph] stage '{stage_dir.name}' already done with the same config and inputs, skipping")
-        return previous["artifact"]
-    if previous.get("lineage") != current:
-        log(f"[graph] stage '{stage_dir.name}': its config or inputs changed since it last ran; running it again")
-    return None
-
-
-def _start(runner, recipe, stage, run_dir: Path, inputs: dict, resume: bool, log) -> dict:
-    """Run a stage in this (pool) thread: record it waiting, reserve its resources, run it."""
+def _start(runner, recipe, stage, run_dir: Path, inputs: dict, current: dict, resume: bool, log) -> dict:
+    """Run a stage in this (pool) thread: record it waiting with its lineage `current`, reserve its
+    resources, run it. `resume`: continue from its checkpoints (an earlier run of the same lineage)."""
     from launch.stages import run_stage
 
-    stage_dir, current = run_dir / stage.name, lineage(recipe, stage, inputs)
-    previous = read_status(stage_dir)
-    resume = resume and previous is not None and previous.get("lineage") == current
+    stage_dir = run_dir / stage.name
     checkpoints = run_dir / "checkpoints" / stage.name
     if not resume and checkpoints.exists():  # from an earlier attempt; a restart must not resume from them
         shutil.rmtree(checkpoints)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(stage_dir / "status.json", {"state": "waiting", "kind": stage.kind, "inputs": inputs,
-                                                  "lineage": current, "started": time.time()})
+    status = {"state": "waiting", "kind": stage.kind, "inputs": inputs, "lineage": current, "started": time.time()}
+    write_json_atomic(stage_dir / "status.json", status)
 
     def placed():
-        status = read_status(stage_dir)
         write_json_atomic(stage_dir / "status.json", {**status, "state": "running", "started": time.time()})
         log(f"[graph] stage '{stage.name}' ({stage.kind}) started")
 
