@@ -5,6 +5,7 @@ A bad recipe is reported before anything starts: one line per problem, naming th
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -20,6 +21,9 @@ from launch.preflight import preflight
 from rl.fileio import write_json_atomic, write_text_atomic
 
 EXIT_BAD_RECIPE = 2
+# Modules that add their own subcommands: each has `register(subparsers)`. Their top-level imports
+# stay light (the heavy ones inside the command), so `prunerl --help` stays fast.
+COMMAND_MODULES = ("launch.recipe_tools",)
 UPLOAD_EXCLUDES = [".git", "runs", "checkpoints", ".venv", "wandb", "__pycache__", "*.egg-info"]
 
 
@@ -259,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub_p.add_argument("--run-dir", help="run directory on the cluster")
     sub_p.add_argument("--no-wait", action="store_true", help="return after submitting instead of following logs")
     sub_p.set_defaults(fn=cmd_submit)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
