@@ -24,6 +24,7 @@ from rewards.boxed import last_boxed
 
 SHOWN = 5  # bad rows reported per file; the rest are counted
 STOP_AFTER = 1000  # bad rows after which a file is not read further
+HELD_OUT_TEXT_TYPES = (".txt", ".jsonl")  # an eval stage's perplexity_data (evaluation/perplexity.py)
 
 
 class DataFileError(ValueError):
@@ -61,7 +62,8 @@ def lookup(row: dict, key: str) -> Any:
 
 
 def preflight(recipe) -> list[str]:
-    """One line per problem with the recipe's local model folder and data files; empty when none."""
+    """One line per problem with the recipe's local model folder and data files (and eval stages'
+    held-out text); empty when none."""
     problems = []
     config = Path(recipe.model.path).expanduser() / "config.json"
     if _looks_local(recipe.model.path) and not config.is_file():
@@ -72,6 +74,9 @@ def preflight(recipe) -> list[str]:
         data = recipe.data.for_split(split)
         problems += data_file_problems(f"data.{split}.path", getattr(data, split).path,
                                        data.question_key, data.answer_key, data.answer_format)
+    for stage in recipe.stages:
+        if stage.kind == "eval" and stage.perplexity_data is not None:
+            problems += held_out_text_problems(f"stages.{stage.name}.perplexity_data", stage.perplexity_data)
     return problems
 
 
@@ -115,11 +120,43 @@ def data_file_problems(field: str, name: str, question_key: str, answer_key: str
     path = local_data_file(name)
     if path is None:
         return []
+    return _rows_problems(field, path, name, (question_key, answer_key),
+                          lambda row: _row_problem(row, question_key, answer_key, answer_format))
+
+
+def held_out_text_problems(field: str, name: str) -> list[str]:
+    """Problems of an eval stage's `perplexity_data`: a .txt document, or .jsonl rows with a `text` field."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() not in HELD_OUT_TEXT_TYPES:
+        return [f"{field}: {name} is neither a .txt nor a .jsonl file"]
+    if not path.is_file():
+        return [f"{field}: file not found: {name}"]
+    if path.suffix.lower() == ".jsonl":
+        return _rows_problems(field, path, name, None, _text_row_problem)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        return [f"{field}: {name}: not UTF-8 text (byte {e.start})"]
+    except OSError as e:
+        return [f"{field}: {name}: cannot read: {e.strerror or e}"]
+    return [] if text.strip() else [f"{field}: {name}: is empty"]
+
+
+def _text_row_problem(row) -> str | None:
+    if not isinstance(row, dict):
+        return f"expected a JSON object, found {_kind(row)}"
+    if not isinstance(row.get("text"), str) or not row["text"].strip():
+        return "no text in 'text'" if "text" in row else f"no key 'text' (keys: {_keys(row)})"
+    return None
+
+
+def _rows_problems(field: str, path: Path, name: str, columns, row_problem) -> list[str]:
+    """The first SHOWN bad rows of a local file (each with its line or row), then a count."""
     problems, bad, count = [], 0, 0
     try:
-        for where, row in read_rows(path, name, (question_key, answer_key)):
+        for where, row in read_rows(path, name, columns):
             count += 1
-            problem = row if isinstance(row, BadRow) else _row_problem(row, question_key, answer_key, answer_format)
+            problem = row if isinstance(row, BadRow) else row_problem(row)
             if problem is None:
                 continue
             bad += 1

@@ -288,3 +288,30 @@ def test_preflight_of_a_recipe(tmp_path):
     recipe = load_recipe(recipe_file, ["data.question_key=problem", "data.answer_key=solution",
                                        f"model.path={tmp_path / 'nothing'}", f"data.eval.path={tmp_path / 'train.jsonl'}"])
     assert preflight(recipe) == [f"model.path: no Hugging Face model folder (config.json) at {tmp_path / 'nothing'}"]
+
+
+def test_an_eval_stages_held_out_text_is_checked_before_the_run(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "data.jsonl").write_text(jsonl(GOOD))
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump({
+        "name": "t", "model": {"path": str(tmp_path / "model")},
+        "data": {"train": {"path": str(tmp_path / "data.jsonl")}, "eval": {"path": str(tmp_path / "data.jsonl")}},
+        "stages": [{"name": "eval", "kind": "eval"}]}))
+
+    def problems(held_out: Path) -> list[str]:
+        return preflight(load_recipe(recipe_file, [f"stages.eval.perplexity_data={held_out}"]))
+
+    assert problems(tmp_path / "gone.txt") == [f"stages.eval.perplexity_data: file not found: {tmp_path / 'gone.txt'}"]
+    assert problems(tmp_path / "data.parquet") == [
+        f"stages.eval.perplexity_data: {tmp_path / 'data.parquet'} is neither a .txt nor a .jsonl file"]
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert problems(tmp_path / "empty.txt") == [f"stages.eval.perplexity_data: {tmp_path / 'empty.txt'}: is empty"]
+    (tmp_path / "held.jsonl").write_text(jsonl([{"text": "fine"}, {"body": "x"}, "not json", {"text": ""}]))
+    assert problems(tmp_path / "held.jsonl") == [
+        f"stages.eval.perplexity_data: {tmp_path / 'held.jsonl'}:2: no key 'text' (keys: body)",
+        f"stages.eval.perplexity_data: {tmp_path / 'held.jsonl'}:3: not valid JSON (Expecting value at column 1)",
+        f"stages.eval.perplexity_data: {tmp_path / 'held.jsonl'}:4: no text in 'text'"]
+    (tmp_path / "held.txt").write_text("A held-out document.\n")
+    assert problems(tmp_path / "held.txt") == []
