@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # index) install from their configured index alone.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install quickstart test
+.PHONY: install quickstart test test-browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,5 +30,15 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(VENV)/bin/prunerl run recipes/quickstart.yaml
 
-test: $(STAMP)
+# tests/test_report.py screenshots the HTML report in a headless Chromium. As root with apt-get (CI on
+# Debian) Debian's chromium-headless-shell is installed when no Chromium is; otherwise that test skips.
+test-browser:
+	@if { command -v chromium-headless-shell || command -v chromium || command -v chromium-browser; } >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium-headless-shell for the report screenshot test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-headless-shell) >/dev/null 2>&1 \
+	    || echo "chromium-headless-shell did not install: the report screenshot test will skip"; \
+	else echo "no headless Chromium (not root with apt-get): the report screenshot test will skip"; fi
+
+test: $(STAMP) test-browser
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests

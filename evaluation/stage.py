@@ -9,8 +9,8 @@ and the sparsity of the Linear weights. Two phases, both on the stage's reserved
 2. then, one Ray task per artifact (`ctx.remote`, after the engine is gone: they share the
    reservation) loads it in transformers for perplexity and sparsity, and generates for the
    artifacts vLLM could not serve. The row records which engine generated.
-Outputs in the stage dir: `results.json`, `completions-<artifact>.jsonl`, `table.md`; the table
-also goes to W&B when it is on.
+Outputs in the stage dir: `results.json`, `completions-<artifact>.jsonl`, `table.md`; the table,
+and a sample of each artifact's completions, also go to W&B when it is on (evaluation/table.py).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from compress.bits import bits_per_weight
 from evaluation.footprint import linear_sparsity, weight_bytes
 from evaluation.generation import Generated, generate_with_transformers, generate_with_vllm
 from evaluation.perplexity import held_out_documents, perplexity, token_stream, token_windows
-from evaluation.table import log_wandb_table, markdown_table
+from evaluation.table import COMPLETION_SAMPLES, completion_rows, log_wandb_table, markdown_table
 from rewards import RewardPool, max_chars_for
 from rl.data import load_problems
 from rl.fileio import write_json_atomic, write_text_atomic
@@ -72,6 +72,7 @@ def run_eval_stage(ctx) -> dict:
     # and the same held-out tokens, so perplexities compare.
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     held_out = token_stream(tokenizer, held_out_documents(recipe, cfg, tokenizer))
+    sampled_prompts = [tokenizer.decode(p) for p in prompts[:COMPLETION_SAMPLES]]  # for W&B's completions table
 
     def log(line: str) -> None:
         print(f"[{cfg.name}] {line}", flush=True)
@@ -85,7 +86,7 @@ def run_eval_stage(ctx) -> dict:
 
     greedy = Sampling(n=1, temperature=0.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens)
     by_vllm = generate_with_vllm(models, prompts, greedy, start_engine, recipe.cluster.liveness.call_timeout_s, log)
-    results = {}
+    results, sampled = {}, []
     with RewardPool([{"verifier": verifier, "weight": 1.0}], max_chars=max_chars_for(cfg.max_new_tokens),
                     accuracy=verifier) as pool:
         for name, path in models.items():
@@ -102,6 +103,7 @@ def run_eval_stage(ctx) -> dict:
             write_text_atomic(ctx.stage_dir / f"completions-{name}.jsonl",
                               "".join(json.dumps({"text": t, "tokens": n, "correct": ok}) + "\n"
                                       for t, n, ok in zip(texts, lengths, correct)))
+            sampled += completion_rows(name, sampled_prompts, texts, references, correct, lengths)
             r = results[name]
             bits = "n/a" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.2f}"
             log(f"{name}: {verifier} {r['accuracy']:.3f} on {r['n']} problems ({r['engine']}, "
@@ -109,6 +111,6 @@ def run_eval_stage(ctx) -> dict:
                 f"{bits} bits/weight, sparsity {r['sparsity']:.3f} ({path})")
     write_json_atomic(ctx.stage_dir / "results.json", results)
     write_text_atomic(ctx.stage_dir / "table.md", markdown_table(results))
-    log_wandb_table(recipe, ctx.run_dir, cfg.name, results)
+    log_wandb_table(recipe, ctx.run_dir, cfg.name, results, sampled)
     return {"results": str(ctx.stage_dir / "results.json"), "table": str(ctx.stage_dir / "table.md"),
             "accuracy": {name: r["accuracy"] for name, r in results.items()}}

@@ -1,4 +1,5 @@
-"""The comparison table: one row per artifact, as markdown (`table.md`) and as a W&B table."""
+"""The comparison table: one row per artifact, as markdown (`table.md`) and as a W&B table; and
+for W&B, a sample of each artifact's completions beside the same prompts' references."""
 from __future__ import annotations
 
 from operator import itemgetter
@@ -16,6 +17,12 @@ COLUMNS = (("accuracy", itemgetter("accuracy"), "{:.3f}"),
            ("sparsity", itemgetter("sparsity"), "{:.3f}"),
            ("tokens/s", itemgetter("tokens_per_s"), "{:.1f}"),
            ("engine", itemgetter("engine"), "{}"))
+# The W&B completions table holds the first COMPLETION_SAMPLES eval problems of every artifact
+# (all of them stay in `completions-<artifact>.jsonl`).
+COMPLETION_SAMPLES = 16
+COMPLETION_COLUMNS = ["artifact", "prompt", "completion", "reference", "correct", "tokens"]
+# Keys in the eval stage's own W&B run (its name and job type say which stage it is).
+TABLE_KEY, COMPLETIONS_KEY = "eval/table", "eval/completions"
 
 
 def table_rows(results: dict[str, dict]) -> tuple[list[str], list[list]]:
@@ -37,12 +44,22 @@ def wandb_table(results: dict[str, dict]) -> wandb.Table:
     return wandb.Table(columns=headers, data=rows)
 
 
-def log_wandb_table(recipe, run_dir: Path, stage_name: str, results: dict[str, dict]) -> None:
-    """The table in the stage's own W&B run (rl/tracking.py); nothing when W&B is disabled."""
+def completion_rows(artifact: str, prompts: list[str], texts: list[str], references: list[str],
+                    correct: list[bool], lengths: list[int]) -> list[list]:
+    """Rows of COMPLETION_COLUMNS for the first COMPLETION_SAMPLES problems (`prompts` may hold
+    only those)."""
+    return [[artifact, *row] for row in zip(prompts, texts, references, correct, lengths)][:COMPLETION_SAMPLES]
+
+
+def log_wandb_table(recipe, run_dir: Path, stage_name: str, results: dict[str, dict],
+                    completions: list[list] = ()) -> None:
+    """The comparison table and the sampled completions (rows of COMPLETION_COLUMNS) in the stage's
+    own W&B run (rl/tracking.py); nothing when W&B is disabled."""
     run = open_wandb_run(recipe, run_dir, stage_name)
     if run is None:
         return
     try:
-        run.log({f"{stage_name}/table": wandb_table(results)})
+        run.log({TABLE_KEY: wandb_table(results),
+                 COMPLETIONS_KEY: wandb.Table(columns=COMPLETION_COLUMNS, data=list(completions))})
     finally:
         run.finish()

@@ -23,7 +23,7 @@ from rl.fileio import write_json_atomic, write_text_atomic
 EXIT_BAD_RECIPE = 2
 # Modules that add their own subcommands: each has `register(subparsers)`. Their top-level imports
 # stay light (the heavy ones inside the command), so `prunerl --help` stays fast.
-COMMAND_MODULES = ("launch.recipe_tools",)
+COMMAND_MODULES = ("launch.recipe_tools", "launch.report", "launch.wandb_layout", "launch.plan")
 UPLOAD_EXCLUDES = [".git", "runs", "checkpoints", ".venv", "wandb", "__pycache__", "*.egg-info"]
 
 

@@ -57,6 +57,7 @@ def run_graph(recipe, run_dir: Path, resume: bool = False, log=print) -> dict[st
     after stopping the stages still running.
     """
     from launch.stages import load_runner
+    import rl.tracking  # noqa: F401 - wandb's first import in this (main) thread, not in a stage thread's _start
 
     stages = {s.name: s for s in recipe.stages}
     runners = {s.kind: load_runner(s.kind) for s in recipe.stages}
@@ -123,6 +124,7 @@ def _start(runner, recipe, stage, run_dir: Path, inputs: dict, current: dict, re
     """Run a stage in this (pool) thread: record it waiting with its lineage `current`, reserve its
     resources, run it. `resume`: continue from its checkpoints (an earlier run of the same lineage)."""
     from launch.stages import run_stage
+    from rl.tracking import log_model_reference
 
     stage_dir = run_dir / stage.name
     checkpoints = run_dir / "checkpoints" / stage.name
@@ -136,7 +138,9 @@ def _start(runner, recipe, stage, run_dir: Path, inputs: dict, current: dict, re
         write_json_atomic(stage_dir / "status.json", {**status, "state": "running", "started": time.time()})
         log(f"[graph] stage '{stage.name}' ({stage.kind}) started")
 
-    return run_stage(runner, recipe, stage.name, run_dir, inputs, resume, log, on_placed=placed)
+    artifact = run_stage(runner, recipe, stage.name, run_dir, inputs, resume, log, on_placed=placed)
+    log_model_reference(recipe, run_dir, stage.name, artifact, log)  # a stage that made a model: W&B points at it
+    return artifact
 
 
 STOP_GRACE_S = 60  # how long stopping stages get to stop their workers

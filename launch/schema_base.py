@@ -16,8 +16,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 # Recipe names become folders `<run_root>/<name>-<timestamp>`, stage names folders of the run dir.
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 NAME_MAX_LENGTH = 64
-# What a run dir holds besides one folder per stage (see launch/cli.py, rl/tracking.py, rl/controller.py).
-RUN_DIR_ENTRIES = ("recipe.yaml", "summary.json", "metrics.jsonl", "checkpoints", "wandb")
+# What a run dir holds besides one folder per stage (see launch/cli.py, rl/tracking.py, rl/controller.py,
+# and launch/report: `prunerl report`'s default output).
+RUN_DIR_ENTRIES = ("recipe.yaml", "summary.json", "metrics.jsonl", "checkpoints", "wandb", "report")
 # Workers seed vLLM (which calls numpy's `np.random.seed`, limited to [0, 2**32)) with
 # seed + engine index + 7919 * resumed step; keeping seeds below 2**31 leaves room for 2**31 / 7919
 # (about 270,000) steps.

@@ -13,10 +13,12 @@ from pathlib import Path
 import ray
 
 from launch.schema import STAGE_KINDS
+from rl.fileio import write_json_atomic
 from rl.liveness import STOP_POLL_S, WorkerFailure, check_stop, gather
 
 WAIT_REPORT_S = 30  # how often a stage waiting for resources says so
 FIRST_WAIT_REPORT_S = 2  # placing a group that fits takes a moment: only a longer wait is reported
+PLACEMENT_STRATEGY = "PACK"  # a stage's workers on as few nodes as fit them (launch/plan.py sizes pods by it)
 
 
 class StagePlacement:
@@ -33,6 +35,11 @@ class StagePlacement:
         # Workers that need nothing stay out of the group (Ray refuses empty bundles).
         self.bundle_of = {key: i for i, key in enumerate(k for k, r in self.workers.items() if r)}
 
+    def bundles(self) -> list[dict[str, float]]:
+        """The placement group's bundles, in order: one per worker that needs resources (what
+        `prunerl plan` prints, launch/plan.py)."""
+        return [self.workers[key] for key in self.bundle_of]
+
     def reserve(self, log=print) -> None:
         """Create the placement group and wait for it, saying what it waits for every WAIT_REPORT_S.
         No deadline: `launch.resources` checked before the run that the cluster can hold it."""
@@ -40,7 +47,7 @@ class StagePlacement:
 
         if not self.bundle_of:
             return
-        self.pg = placement_group([self.workers[key] for key in self.bundle_of], strategy="PACK")
+        self.pg = placement_group(self.bundles(), strategy=PLACEMENT_STRATEGY)
         ready, waited, next_report = self.pg.ready(), False, time.monotonic() + FIRST_WAIT_REPORT_S
         while not ray.wait([ready], timeout=STOP_POLL_S)[0]:
             check_stop()
@@ -64,6 +71,20 @@ class StagePlacement:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=self.bundle_of[group, index])
         return options
+
+    def held(self) -> dict:
+        """What Ray holds for the stage, from its placement group table: `<stage>/placement.json`."""
+        from ray.util.placement_group import placement_group_table
+
+        record = {"stage": self.stage.name, "workers": {f"{g}/{i}": self.bundle_of.get((g, i)) for g, i in self.workers},
+                  "bundles": [], "nodes": []}
+        if self.pg is not None:
+            table = placement_group_table(self.pg)
+            order = sorted(table["bundles"])
+            record.update(placement_group=table["placement_group_id"], strategy=table["strategy"], state=table["state"],
+                          bundles=[table["bundles"][i] for i in order],
+                          nodes=[table["bundles_to_node_id"].get(i) for i in order])
+        return record
 
     def release(self) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -133,6 +154,7 @@ def run_stage(runner, recipe, name: str, run_dir: Path, inputs: dict, resume: bo
     placement = StagePlacement(stage)
     try:
         placement.reserve(log)
+        write_json_atomic(run_dir / name / "placement.json", placement.held())
         if on_placed is not None:
             on_placed()
         restarts = recipe.cluster.max_restarts

@@ -55,13 +55,56 @@ def test_quickstart_short(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["state"] == "succeeded" and summary["stages"] == {"train": "done", "eval": "done"}
     assert summary["eval"]["eval"] == {k: r["accuracy"] for k, r in results.items()}
-    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    check_wandb_runs(run_dir, results)
 
     # Resubmitting a finished run skips every stage.
     again = run_cli("run", "recipes/quickstart.yaml", "stages.train.steps=3", "stages.train.checkpoint.every_steps=2",
                     "stages.eval.limit=16", "--run-dir", str(run_dir), "--resume")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "stage 'train' already done" in again.stdout and "stage 'eval' already done" in again.stdout
+
+    # The run's report (tests/test_report.py checks it in depth): its figures and its eval table.
+    report = run_cli("report", str(run_dir))
+    assert report.returncode == 0, report.stderr[-2000:]
+    html = (run_dir / "report" / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 3, "a figure is missing"
+    for artifact, r in results.items():
+        assert f'<tr><td>{artifact}</td><td class="num">{r["accuracy"]:.3f}</td>' in html
+    assert (run_dir / "report" / "report.png").stat().st_size > 50_000
+
+
+def check_wandb_runs(run_dir: Path, results: dict) -> None:
+    """The quickstart's offline W&B runs, read back: every key the saved layout plots is one the RL
+    run logged (Step-GRPO's are checked in test_step_grpo_composes...), the eval tables, and the
+    trained model as a reference artifact."""
+    from _wandb_offline import read_offline_runs
+    from evaluation.table import COMPLETION_SAMPLES
+    from launch.wandb_layout import TRUNCATION_METRICS, build_workspace, referenced_metrics, referenced_tables
+    from rl.tracking import ELAPSED, SECTIONS
+
+    runs = read_offline_runs(run_dir)
+    train, evaluation = runs[f"{run_dir.name}/train"], runs[f"{run_dir.name}/eval"]
+    assert [s.run["job_type"] for s in train + evaluation] == ["rl", "rl", "eval"]  # the model reference: a session
+    assert {s.run["run_group"] for s in train + evaluation} == {"quickstart"}
+    assert train[0].config["stage"]["steps"] == 3 and train[0].config["stages"][1]["limit"] == 16
+    assert [row["_step"] for row in train[0].history] == [1, 2, 3]
+    logged = train[0].history_keys()
+    assert {key.split("/")[0] for key in logged} <= {*SECTIONS, "time"}, logged
+    elapsed = [row[ELAPSED] for row in train[0].history]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    workspace = build_workspace("entity", "project")
+    assert referenced_metrics(workspace) - set(TRUNCATION_METRICS) <= logged, \
+        referenced_metrics(workspace) - set(TRUNCATION_METRICS) - logged
+    for key in referenced_tables(workspace):
+        assert evaluation[0].table(key)["data"], key
+    table = evaluation[0].table("eval/table")
+    assert {row[0]: row[1] for row in table["data"]} == {name: r["accuracy"] for name, r in results.items()}
+    completions = evaluation[0].table("eval/completions")["data"]
+    sampled = min(COMPLETION_SAMPLES, 16)  # stages.eval.limit=16
+    assert [row[0] for row in completions] == ["base"] * sampled + ["train"] * sampled
+    [model] = train[1].artifacts
+    weights = (run_dir / "train" / "model" / "model.safetensors").resolve().as_uri()
+    assert model["type"] == "model" and weights in {e["ref"] for e in model["manifest"]["contents"]}
 
 
 def test_cppo_quickstart_trains_the_largest_advantages(tmp_path):
@@ -194,6 +237,10 @@ def test_step_grpo_composes_with_selection_and_packing(tmp_path, selection):
         assert all(m["select/kept_frac"] == 0.5 for m in metrics)
     completions = records(run_dir / "eval" / "completions-train.jsonl")
     assert len(completions) == 8 and all("</think>" in c["text"] for c in completions)
+    from _wandb_offline import read_offline_runs
+    from launch.wandb_layout import TRUNCATION_METRICS
+    logged = read_offline_runs(run_dir)[f"{run_dir.name}/train"][0].history_keys()
+    assert set(TRUNCATION_METRICS) <= logged, set(TRUNCATION_METRICS) - logged  # the layout's Step-GRPO panels
 
 
 def free_port() -> int:
