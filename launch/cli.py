@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -204,6 +205,13 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def run_command(recipe_path: str, overrides: list[str], run_dir: str | None = None) -> str:
+    """The shell command a Ray job runs for a recipe (`prunerl submit`, KubeRay's RayJob); each
+    argument quoted, so an override may hold spaces or quotes."""
+    return shlex.join(["python", "-m", "launch", "run", recipe_path, *overrides,
+                       *(["--run-dir", run_dir] if run_dir else [])])
+
+
 def cmd_submit(args) -> int:
     try:
         resolve(args.recipe, args.overrides)
@@ -212,10 +220,7 @@ def cmd_submit(args) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265")
-    entrypoint = " ".join(["python -m launch run", args.recipe, *args.overrides])
-    if args.run_dir:
-        entrypoint += f" --run-dir {args.run_dir}"
-    job_id = client.submit_job(entrypoint=entrypoint,
+    job_id = client.submit_job(entrypoint=run_command(args.recipe, args.overrides, args.run_dir),
                                runtime_env={"working_dir": args.working_dir, "excludes": UPLOAD_EXCLUDES})
     print(f"[prunerl] submitted job {job_id} to {client.get_address()}", flush=True)
     if args.no_wait:

@@ -47,8 +47,9 @@ def job_name(recipe_name: str) -> str:
 
 def entrypoint(recipe_path: str, overrides: list[str], workdir: str) -> str:
     """The job's shell command: `prunerl submit`'s entrypoint, run from the repository."""
-    return f"cd {shlex.quote(workdir)} && " + " ".join(["python -m launch run",
-                                                       *map(shlex.quote, [recipe_path, *overrides])])
+    from launch.cli import run_command
+
+    return f"cd {shlex.quote(workdir)} && {run_command(recipe_path, overrides)}"
 
 
 def _container(name: str, image: str, cpus: int, gpus: int, memory_gib: int, mounts: list[dict],

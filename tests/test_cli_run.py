@@ -52,3 +52,18 @@ def test_unwritable_run_root_is_one_line(recipe, capsys):
     assert main(["run", str(QUICKSTART), "--run-dir", "/proc/prunerl-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: run directory:") and len(err.strip().splitlines()) == 1
+
+
+def test_a_job_command_keeps_overrides_with_spaces_whole(recipe, tmp_path):
+    """`prunerl submit` and the RayJob run this command through a shell: each argument arrives whole."""
+    import shlex
+
+    from launch.cli import build_parser, run_command
+
+    overrides = ["data.system_prompt=Think it through, then answer.", "stages.train.steps=3"]
+    command = run_command("recipes/quickstart.yaml", overrides, str(tmp_path / "my run"))
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "launch"]
+    args = build_parser().parse_args(argv[3:])
+    assert (args.recipe, args.overrides, args.run_dir) == ("recipes/quickstart.yaml", overrides, str(tmp_path / "my run"))
+    assert load_recipe(QUICKSTART, args.overrides).data.system_prompt == "Think it through, then answer."
