@@ -31,11 +31,23 @@ def table_rows(results: dict[str, dict]) -> tuple[list[str], list[list]]:
             [[name, *(value(row) for _, value, _ in COLUMNS)] for name, row in results.items()])
 
 
+def formatted_cells(row: dict) -> list[str]:
+    """A results row's COLUMNS as text: n/a for None, or for a column the row predates (a results.json
+    written by an older version, read by `prunerl report`)."""
+    cells = []
+    for _, value, fmt in COLUMNS:
+        try:
+            v = value(row)
+        except (KeyError, TypeError):
+            v = None
+        cells.append("n/a" if v is None else fmt.format(v))
+    return cells
+
+
 def markdown_table(results: dict[str, dict]) -> str:
-    headers, rows = table_rows(results)
-    formats = ["{}", *(fmt for _, _, fmt in COLUMNS)]
-    cells = [["n/a" if v is None else fmt.format(v) for v, fmt in zip(row, formats)] for row in rows]
-    align = [":---" if fmt == "{}" else "---:" for fmt in formats]
+    headers = ["artifact", *(header for header, _, _ in COLUMNS)]
+    cells = [[name, *formatted_cells(row)] for name, row in results.items()]
+    align = [":---", *(":---" if fmt == "{}" else "---:" for _, _, fmt in COLUMNS)]
     return "".join("| " + " | ".join(line) + " |\n" for line in [headers, align, *cells])
 
 

@@ -239,16 +239,18 @@ def cmd_submit(args) -> int:
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """A command's RECIPE and its dotted overrides (run, validate, submit, plan)."""
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.train.steps=10")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunerl", description="Distributed RL post-training for reasoning LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def recipe_args(p):
-        p.add_argument("recipe", help="recipe YAML file")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.train.steps=10")
-
     run = sub.add_parser("run", help="run a recipe's job graph on Ray (local, or RAY_ADDRESS / cluster.address)")
-    recipe_args(run)
+    add_recipe_args(run)
     run.add_argument("--run-dir", help="run directory (default <run root>/<name>-<timestamp>, run root: "
                                        "cluster.run_root, $PRUNERL_RUN_ROOT or ./runs)")
     run.add_argument("--debug", action="store_true", help="print tracebacks of failures")
@@ -258,11 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(fn=cmd_run)
 
     val = sub.add_parser("validate", help="print the resolved recipe, or one line per problem (exit 2)")
-    recipe_args(val)
+    add_recipe_args(val)
     val.set_defaults(fn=cmd_validate)
 
     sub_p = sub.add_parser("submit", help="submit a recipe to a Ray cluster through the Ray Jobs API")
-    recipe_args(sub_p)
+    add_recipe_args(sub_p)
     sub_p.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
     sub_p.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir")
     sub_p.add_argument("--run-dir", help="run directory on the cluster")

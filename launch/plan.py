@@ -20,7 +20,8 @@ import json
 import math
 import sys
 
-KINDS = ("CPU", "GPU")
+from launch.resources import KINDS
+
 OBJECT_STORE_FRACTION = 0.3  # ray_constants.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION
 # Host memory assumed per worker when the model's config cannot be read (an offline machine and a
 # hub model): per CPU and per GPU it reserves. `--pod-memory-gib` overrides.
@@ -255,12 +256,12 @@ def cmd_plan(args) -> int:
 
 
 def register(subparsers) -> None:
+    from launch.cli import add_recipe_args
     from launch.rayjob import DEFAULT_HEAD_MEMORY_GIB, DEFAULT_IMAGE, DEFAULT_PVC, WORKDIR
 
     p = subparsers.add_parser("plan", help="print what a recipe asks of the cluster: workers, placement bundles, "
                                            "peak, memory estimates; or a KubeRay RayJob manifest")
-    p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.train.learner.ranks=2")
+    add_recipe_args(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="the plan as JSON")
     out.add_argument("--rayjob", action="store_true", help="a KubeRay RayJob manifest (YAML) sized from the plan, "

@@ -5,7 +5,7 @@ Sections, in order:
   the step, seconds per step, the completion tokens the learner skipped, and each run's wall time.
   The runs are grouped by W&B group, which is the recipe's name (rl/tracking.py), so a GRPO, a CPPO
   and a DPPO recipe are three lines: same reward per step, less wall clock per reward.
-- one per metric family of rl/tracking.py SECTIONS, a line plot per metric against the step;
+- one per metric family of rl/metric_keys.py SECTIONS, a line plot per metric against the step;
   `timing` adds the step's phases stacked (the seconds of one step, by phase), `rollout` the
   truncated rollouts' metrics (Step-GRPO recipes only: empty panels otherwise);
 - `eval`: the eval stages' comparison table and sampled completions (evaluation/table.py).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 
+from rl.metric_keys import AFTER_STEP_PHASES, ELAPSED, SECTIONS, STEP_PHASES
 from rollout.truncation import EXIT_REASONS
 
 WORKSPACE_NAME = "prunerl: where the time went"
@@ -31,16 +32,14 @@ SECTION_METRICS: dict[str, tuple[str, ...]] = {
     "select": ("select/kept_frac", "select/tokens_saved", "select/prompts_skipped"),
     "pack": ("pack/padding_frac",),
     "rollout": ("rollout/tokens", "rollout/staleness", "rollout/mismatch_kl", "rollout/is_weight_mean"),
-    "timing": ("timing/step", "timing/rollout", "timing/reward", "timing/weight_sync", "timing/pack", "timing/train",
-               "timing/checkpoint"),
+    "timing": ("timing/step", *(f"timing/{phase}" for phase in (*STEP_PHASES, *AFTER_STEP_PHASES))),
     "perf": ("perf/tokens_per_s",),
 }
 # Logged by Step-GRPO's truncated rollouts only.
 TRUNCATION_METRICS = (*(f"rollout/exit_{reason}" for reason in EXIT_REASONS), "rollout/probes_mean",
                       "rollout/inserted_frac")
 # The phases of a step, stacked: what `timing/step` is made of (checkpoints are timed outside it).
-STACKED_PHASES = ("timing/rollout", "timing/reward", "timing/weight_sync", "timing/pack", "timing/train",
-                  "timing/checkpoint")
+STACKED_PHASES = tuple(f"timing/{phase}" for phase in (*STEP_PHASES, *AFTER_STEP_PHASES))
 EVAL_TABLES = ("eval/table", "eval/completions")
 
 
@@ -49,8 +48,6 @@ def build_workspace(entity: str, project: str, name: str = WORKSPACE_NAME):
     import wandb_workspaces.reports.v2 as wr
     import wandb_workspaces.workspaces as ws
     from wandb_workspaces import expr
-
-    from rl.tracking import ELAPSED, SECTIONS
 
     def lines(keys, x: str = "Step") -> list:
         return [wr.LinePlot(title=key, x=x, y=[key]) for key in keys]

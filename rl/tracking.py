@@ -4,7 +4,7 @@ W&B (docs/wandb.md): one run per stage, named `<run dir>/<stage>`, in the group 
 with the stage's kind (rl, sparsify, quantize, distill, eval) as its job type, so that the runs of one
 recipe group together and one kind of stage compares across recipes. Its config is the resolved
 recipe (every default filled in) plus, under `stage`, the stage's own resolved config. Every metric
-key is `<section>/<name>` with a section of SECTIONS; W&B builds its panel sections from the prefix.
+key is `<section>/<name>` with a section of rl.metric_keys.SECTIONS; W&B builds its panel sections from the prefix.
 """
 from __future__ import annotations
 
@@ -16,11 +16,8 @@ from pathlib import Path
 import wandb
 
 from rl.fileio import append_jsonl, read_jsonl, rewrite_jsonl
+from rl.metric_keys import ELAPSED
 
-SECTIONS = ("reward", "response", "loss", "train", "select", "pack", "rollout", "timing", "perf")
-# Wall seconds of the stage at each step, summed over its resumed attempts: the x-axis of the
-# reward-against-wall-clock plots (the same field in metrics.jsonl and W&B).
-ELAPSED = "time/elapsed_s"
 
 
 class Timers:

@@ -80,7 +80,7 @@ def check_wandb_runs(run_dir: Path, results: dict) -> None:
     from _wandb_offline import read_offline_runs
     from evaluation.table import COMPLETION_SAMPLES
     from launch.wandb_layout import TRUNCATION_METRICS, build_workspace, referenced_metrics, referenced_tables
-    from rl.tracking import ELAPSED, SECTIONS
+    from rl.metric_keys import ELAPSED, SECTIONS
 
     runs = read_offline_runs(run_dir)
     train, evaluation = runs[f"{run_dir.name}/train"], runs[f"{run_dir.name}/eval"]

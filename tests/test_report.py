@@ -23,7 +23,7 @@ from conftest import REPO
 from launch.cli import main, write_summary
 from launch.config import dump_recipe, load_recipe
 from rl.fileio import append_jsonl, write_json_atomic
-from rl.tracking import ELAPSED
+from rl.metric_keys import ELAPSED
 
 CHROMIUM_BINARIES = ("chromium-headless-shell", "chromium", "chromium-browser")
 SHOT_SIZE = (1280, 3000)

@@ -17,7 +17,8 @@ from launch.cli import main
 from launch.config import load_recipe
 from launch.wandb_layout import (EVAL_TABLES, SECTION_METRICS, STACKED_PHASES, TRUNCATION_METRICS, build_workspace,
                                  referenced_metrics, referenced_tables)
-from rl.tracking import ELAPSED, SECTIONS, Tracker, log_model_reference, run_config
+from rl.metric_keys import ELAPSED, SECTIONS
+from rl.tracking import Tracker, log_model_reference, run_config
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,8 @@ import io
 from dataclasses import dataclass
 from typing import Callable
 
-from launch.report.runs import OUTSIDE_STEP, Series
+from launch.report.runs import Series
+from rl.metric_keys import AFTER_STEP_PHASES
 
 WIDTH_IN, DPI = 12.0, 100
 SMOOTH_FROM_STEPS = 20  # shorter curves are drawn point by point
@@ -123,8 +124,8 @@ def _stacked_bars(ax, series: list[Series], parts: list[dict[str, float]], color
 def draw_timing(fig, series: list[Series], run_stage_seconds: dict[str, float | None]) -> None:
     """Left: mean seconds per step by phase. Right: the stage's seconds, with the time outside steps."""
     totals = [s.phase_totals_s() for s in series]
-    phases = list(dict.fromkeys(p for t in totals for p in t if p not in ("other", *OUTSIDE_STEP)))
-    order = [*phases, "other", *OUTSIDE_STEP, STARTUP]
+    phases = list(dict.fromkeys(p for t in totals for p in t if p not in ("other", *AFTER_STEP_PHASES)))
+    order = [*phases, "other", *AFTER_STEP_PHASES, STARTUP]
     colors = phase_colors(order)
     per_step = [{p: t[p] / max(s.steps, 1) for p in order if p in t} for s, t in zip(series, totals)]
     whole = []

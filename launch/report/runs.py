@@ -15,13 +15,7 @@ from pathlib import Path
 import yaml
 
 from rl.fileio import read_jsonl
-from rl.tracking import ELAPSED
-
-# Phases timed inside `timing/step`, in the order a step runs them (rl/controller.py); a phase not
-# listed here is drawn after them. `timing/checkpoint` is timed after the step's record is written,
-# so it is not part of `timing/step` (and lands in the next step's record).
-STEP_PHASES = ("rollout", "reward", "weight_sync", "pack", "train")
-OUTSIDE_STEP = ("checkpoint",)
+from rl.metric_keys import AFTER_STEP_PHASES, ELAPSED, STEP_PHASES
 
 
 class ReportError(ValueError):
@@ -58,24 +52,25 @@ class Series:
         (engine start-up and model saving are outside; see `Run.stage_seconds`)."""
         total, out = 0.0, []
         for r in self.records:
-            total += r.get("timing/step", 0.0) + sum(r.get(f"timing/{p}", 0.0) for p in OUTSIDE_STEP)
+            total += r.get("timing/step", 0.0) + sum(r.get(f"timing/{p}", 0.0) for p in AFTER_STEP_PHASES)
             out.append(total)
         return out
 
     def phases(self) -> list[str]:
-        """Phase names logged by this stage, except `step`, in the order they run."""
+        """Phase names logged by this stage, except `step`, in the order they run (a phase
+        rl.tracking does not list comes after them)."""
         logged = {k.removeprefix("timing/") for r in self.records for k in r if k.startswith("timing/")} - {"step"}
-        known = [p for p in (*STEP_PHASES, *OUTSIDE_STEP) if p in logged]
+        known = [p for p in (*STEP_PHASES, *AFTER_STEP_PHASES) if p in logged]
         return known + sorted(logged - set(known))
 
     def phase_totals_s(self) -> dict[str, float]:
         """Seconds per phase over the stage; `other` is the part of the steps no phase timer covers."""
         seconds = {p: sum(r.get(f"timing/{p}", 0.0) for r in self.records) for p in self.phases()}
-        inside = {p: s for p, s in seconds.items() if p not in OUTSIDE_STEP}
+        inside = {p: s for p, s in seconds.items() if p not in AFTER_STEP_PHASES}
         other = sum(r.get("timing/step", 0.0) for r in self.records) - sum(inside.values())
         if other > 1e-9:
             inside["other"] = other
-        return {**inside, **{p: s for p, s in seconds.items() if p in OUTSIDE_STEP}}
+        return {**inside, **{p: s for p, s in seconds.items() if p in AFTER_STEP_PHASES}}
 
     @property
     def steps(self) -> int:

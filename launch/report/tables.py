@@ -110,18 +110,10 @@ def phase_table(series: list[Series]) -> Table:
     return ["RL stage (mean s per step)", *phases, "step + checkpoint"], rows
 
 
-def _cell(row: dict, value, fmt: str) -> str:
-    try:
-        v = value(row)
-    except (KeyError, TypeError):  # a results.json written before this column existed
-        return "n/a"
-    return "n/a" if v is None else fmt.format(v)
-
-
 def eval_table(runs: list[Run]) -> Table | None:
     """Every eval stage's results.json, one row per artifact, with evaluation/table.py's columns;
     columns no row has are left out. None when no run has eval results."""
-    from evaluation.table import COLUMNS
+    from evaluation.table import COLUMNS, formatted_cells
 
     several_runs = len(runs) > 1
     several_stages = any(len(r.eval_results) > 1 for r in runs)
@@ -132,7 +124,7 @@ def eval_table(runs: list[Run]) -> Table | None:
             for artifact, row in results.items():
                 if isinstance(row, dict):
                     rows.append(([run.label] if several_runs else []) + ([stage] if several_stages else []) +
-                                [artifact, *(_cell(row, value, fmt) for _, value, fmt in COLUMNS)])
+                                [artifact, *formatted_cells(row)])
     if not rows:
         return None
     keep = list(range(len(lead))) + [len(lead) + i for i in range(len(COLUMNS))
